@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny models built from configs, a tiny task set of every type, the CLI runner.
+
+Everything runs offline (HF_HUB_OFFLINE=1): a test that tries to download is a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "trainer" / "demo"
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+from tests.gcs_server import gcs_server  # noqa: E402,F401  (fixture re-export)
+from tests.vertex_server import vertex_server  # noqa: E402,F401  (fixture re-export)
+
+
+def make_tiny_bert(directory: Path, hidden: int = 32) -> Path:
+    """A BERT encoder config (2 layers) with the demo vocabulary; trains in seconds."""
+    from transformers import BertConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "model" / name, directory / name)
+    BertConfig(
+        vocab_size=len((DEMO / "model" / "vocab.txt").read_text().split()), hidden_size=hidden,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_tasks_file(directory: Path, *, n_train: int = 96, n_eval: int = 32, token_task: bool = True) -> Path:
+    """A tasks file over small slices of the demo data, plus a token-classification task."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "data"
+    data.mkdir(exist_ok=True)
+
+    def head(src: Path, dst: Path, n: int) -> str:
+        lines = src.read_text().splitlines(keepends=True)
+        header = 0 if src.suffix == ".jsonl" else 1
+        dst.write_text("".join(lines[: header + n]))
+        return str(dst)
+
+    tasks = json.loads((DEMO / "tasks.json").read_text())["tasks"]
+    for task in tasks:
+        for split, n in (("train", n_train), ("validation", n_eval)):
+            src = DEMO / task["files"][split]
+            task["files"][split] = head(src, data / f"{task['name']}_{split}{src.suffix}", n)
+    if token_task:
+        tasks.append(write_token_task(data, n_train, n_eval))
+    path = directory / "tasks.json"
+    path.write_text(json.dumps({"tasks": tasks}, indent=1))
+    return path
+
+
+def write_token_task(data: Path, n_train: int, n_eval: int) -> dict:
+    """Tag every demo word with its category in BIO form (jsonl with token/tag lists)."""
+    import random
+
+    from trainer.demo.generate import CATEGORIES
+
+    rng = random.Random(7)
+    words = [(w, c) for c, ws in CATEGORIES.items() for w in ws]
+    files = {}
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        path = data / f"demo_tags_{split}.jsonl"
+        with open(path, "w") as f:
+            for _ in range(n):
+                (w1, c1), (w2, c2) = rng.sample(words, 2)
+                f.write(json.dumps({"words": ["the", w1, "is", "near", "the", w2],
+                                    "tags": ["O", f"B-{c1}", "O", "O", "O", f"B-{c2}"]}) + "\n")
+        files[split] = str(path)
+    return {"name": "demo_tags", "type": "token_classification", "files": files,
+            "columns": {"tokens": "words", "label": "tags"}, "metrics": ["entity_f1", "accuracy"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> Path:
+    return write_tasks_file(tmp_path_factory.mktemp("tiny-tasks"))
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m trainer ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_flags(model: Path, tasks_file: Path, out: Path, **extra) -> list[str]:
+    """Flags for a fast CLI training run of the tiny task set."""
+    flags = {
+        "model_name": model, "model_init": "scratch", "tasks_file": tasks_file,
+        "tasks": "demo_similarity,demo_entailment,demo_choice,demo_tags", "output_dir": out,
+        "max_steps": 12, "train_batch_size": 8, "eval_batch_size": 16, "learning_rate": 1e-3,
+        "eval_strategy": "steps", "eval_steps": 6, "save_strategy": "steps", "save_steps": 6,
+        "logging_steps": 6, "seed": 3, **extra,
+    }
+    return [f"--{k}={v}" for k, v in flags.items()]

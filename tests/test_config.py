@@ -1,0 +1,175 @@
+"""Config: source priority, types, validation with one-line errors, and the CLI's exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from trainer.config import Config, ConfigError, describe_settings, load_config
+
+
+def test_defaults_are_the_seed_job():
+    cfg = load_config({}, environ={}, env_file=None)
+    assert cfg.model_name == "roberta-base"
+    assert cfg.tasks == ["stsb", "rte", "commonsense_qa"]
+    assert cfg.resolved_run_name == "roberta-base-stsb-rte-commonsense_qa"
+
+
+def test_priority_cli_over_environment_over_env_file_over_demo(tmp_path):
+    env_file = tmp_path / "job.env"
+    env_file.write_text("LEARNING_RATE=1e-4\nSEED=5\nTRAIN_BATCH_SIZE=8\nGOOGLE_APPLICATION_CREDENTIALS=/k.json\n")
+    cfg = load_config({"seed": 9}, environ={"TRAIN_BATCH_SIZE": "4", "SEED": "7"}, env_file=env_file, demo=True)
+    assert cfg.seed == 9  # flag beats environment
+    assert cfg.train_batch_size == 4  # environment beats env file
+    assert cfg.learning_rate == 1e-4  # env file beats the demo preset (1e-3)
+    assert cfg.model_init == "scratch"  # demo preset beats defaults
+    assert cfg.max_seq_length == 128  # default
+
+
+def test_env_file_named_by_ENV_FILE(tmp_path):
+    env_file = tmp_path / "other.env"
+    env_file.write_text("RUN_NAME=from-file\n")
+    assert load_config({}, environ={"ENV_FILE": str(env_file)}).run_name == "from-file"
+
+
+def test_types_are_parsed():
+    cfg = load_config(
+        {"tasks": "stsb, rte", "task_weights": "stsb=1,rte=2.5", "group_by_length": "false", "labels": "team=nlp",
+         "max_train_samples": "none", "learning-rate": "3e-5", "SPOT": True},
+        environ={},
+    )
+    assert cfg.tasks == ["stsb", "rte"]
+    assert cfg.task_weights == {"stsb": 1.0, "rte": 2.5}
+    assert cfg.group_by_length is False and cfg.spot is True
+    assert cfg.labels == {"team": "nlp"}
+    assert cfg.max_train_samples is None
+    assert cfg.learning_rate == 3e-5
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"learning_rate": "fast"}, "LEARNING_RATE='fast'"),
+        ({"learning_rate": -1}, "LEARNING_RATE=-1"),
+        ({"train_batch_size": 0}, "TRAIN_BATCH_SIZE=0"),
+        ({"train_batch_size": 2.5}, "TRAIN_BATCH_SIZE=2.5"),
+        ({"precision": "fp8"}, "PRECISION='fp8'"),
+        ({"sampling": "random"}, "SAMPLING='random'"),
+        ({"sampling": "weights", "tasks": "stsb,rte", "task_weights": "stsb=1"}, "TASK_WEIGHTS"),
+        ({"task_weights": "mnli=1"}, "TASK_WEIGHTS"),
+        ({"task_weights": "stsb=0"}, "TASK_WEIGHTS"),
+        ({"task_weights": "stsb"}, "TASK_WEIGHTS"),
+        ({"sampling_temperature": 0}, "SAMPLING_TEMPERATURE=0"),
+        ({"tasks": ""}, "TASKS"),
+        ({"tasks": "rte,rte"}, "TASKS"),
+        ({"warmup_ratio": 1.5}, "WARMUP_RATIO=1.5"),
+        ({"eval_strategy": "sometimes"}, "EVAL_STRATEGY"),
+        ({"eval_strategy": "no"}, "LOAD_BEST_MODEL_AT_END"),
+        ({"eval_strategy": "steps", "save_strategy": "epoch"}, "SAVE_STRATEGY"),
+        ({"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": 30, "save_steps": 50}, "SAVE_STEPS=50"),
+        ({"group_by_length": "maybe"}, "GROUP_BY_LENGTH='maybe'"),
+        ({"model_init": "random"}, "MODEL_INIT"),
+        ({"run_name": "my run/1"}, "RUN_NAME"),
+        ({"tasks_file": "/nonexistent/tasks.yaml"}, "TASKS_FILE"),
+        ({"max_steps": 0}, "MAX_STEPS=0"),
+        ({"checkpoint_uri": "s3://bucket/x"}, "CHECKPOINT_URI"),
+        ({"resume": "sometimes"}, "RESUME"),
+        ({"replica_count": 0}, "REPLICA_COUNT=0"),
+    ],
+)
+def test_bad_values_name_the_setting(flags, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(flags, environ={})
+    message = str(err.value)
+    assert named in message
+    assert "\n" not in message
+
+
+def test_unknown_flag_suggests_the_right_one():
+    with pytest.raises(ConfigError, match=r"--learnig_rate.*did you mean LEARNING_RATE"):
+        load_config({"learnig_rate": 1e-4}, environ={})
+
+
+def test_unknown_env_file_key_is_a_typo(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("NUM_TRAIN_EPOCH=3\n")
+    with pytest.raises(ConfigError, match=r"unknown setting NUM_TRAIN_EPOCH in .*did you mean NUM_TRAIN_EPOCHS"):
+        load_config({}, environ={}, env_file=env_file)
+
+
+def test_missing_env_file_named_explicitly_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="ENV_FILE"):
+        load_config({}, environ={"ENV_FILE": str(tmp_path / "missing.env")})
+
+
+def test_fp16_without_gpu_is_refused_before_loading():
+    import torch
+
+    from trainer.training import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: fp16 is allowed")
+    with pytest.raises(ValueError, match="PRECISION='fp16'"):
+        resolve_precision("fp16")
+
+
+def test_to_env_round_trips_changed_settings():
+    cfg = load_config({"learning_rate": 5e-5, "tasks": "stsb,rte", "task_weights": "stsb=2,rte=1", "sampling": "weights"},
+                      environ={})
+    env = cfg.to_env()
+    assert env["LEARNING_RATE"] == "5e-05" and env["TASKS"] == "stsb,rte"
+    assert "PROJECT_ID" not in env  # cloud settings stay on the submitting side
+    again = load_config({}, environ=env)
+    assert again.to_env() == env and again.hash() == cfg.hash()
+
+
+def test_hash_ignores_where_outputs_go():
+    a = load_config({"output_dir": "/a"}, environ={})
+    b = load_config({"output_dir": "/b"}, environ={})
+    c = load_config({"learning_rate": 1e-4}, environ={})
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_settings_table_lists_every_setting():
+    text = describe_settings()
+    for name in Config.__dataclass_fields__:
+        assert name.upper() in text
+
+
+def test_env_example_documents_every_setting():
+    """.env.example is the real job's file: every setting appears with a comment line above it."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    documented = {}
+    for i, line in enumerate(lines):
+        key = line.split("=", 1)[0]
+        if "=" in line and not line.startswith("#") and key.isupper():
+            documented[key] = i > 0 and lines[i - 1].startswith("#")
+    for name in Config.__dataclass_fields__:
+        assert documented.get(name.upper()), f"{name.upper()} is not documented in .env.example"
+    cfg = load_config({}, environ={}, env_file=ROOT / ".env.example")
+    assert cfg.model_name == "roberta-base" and cfg.tasks == ["stsb", "rte", "commonsense_qa"]
+
+
+def test_cli_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "outputs"
+    result = run_cli("train", "--learning_rate=fast", f"--output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: LEARNING_RATE='fast'")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unknown_task_exits_2(tmp_path):
+    result = run_cli("train", "--tasks=stsb,nope", f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 2
+    assert "unknown task 'nope'" in result.stderr and "stsb" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_settings_and_help():
+    listed = run_cli("settings")
+    assert listed.returncode == 0 and "LEARNING_RATE" in listed.stdout
+    helped = run_cli("--help", env={"PAGER": "cat"})
+    for command in ("train", "evaluate", "predict", "export"):
+        assert command in helped.stdout + helped.stderr

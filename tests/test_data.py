@@ -1,0 +1,203 @@
+"""Data: loading every file format (real GLUE TSV included), checks that name task/split/column,
+tokenization per task type and dynamic padding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import DEMO, SHARED_GLUE
+from trainer.data import (
+    MultitaskCollator,
+    MultitaskDataset,
+    example_lengths,
+    load_task,
+    make_collator,
+    tokenize,
+)
+from trainer.tasks import PRESETS, TaskError, build_spec, read_tasks_file
+
+needs_glue = pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue is not beside the project")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO / "model")
+
+
+def glue_spec(preset: str, folder: str, **extra):
+    return build_spec({"name": preset, "preset": preset,
+                       "files": {"train": str(SHARED_GLUE / folder / "train.tsv"),
+                                 "validation": str(SHARED_GLUE / folder / "dev.tsv")}, **extra})
+
+
+@needs_glue
+def test_real_glue_rte_tsv_loads_with_quotes_intact():
+    spec, splits = load_task(glue_spec("rte", "RTE"))
+    assert len(splits["train"]) == 2490 and len(splits["validation"]) == 277
+    assert set(splits["train"].unique("label")) == {"entailment", "not_entailment"}
+    assert any('"' in s for s in splits["train"]["sentence1"])  # quote characters survive (no CSV quoting)
+    assert spec.labels == ("entailment", "not_entailment")
+
+
+@needs_glue
+def test_real_glue_stsb_tsv_loads_as_regression():
+    spec, splits = load_task(glue_spec("stsb", "STS-B", columns={"label": "score"}))
+    assert len(splits["train"]) == 5749 and len(splits["validation"]) == 1500
+    scores = splits["train"]["score"]
+    assert min(scores) >= 0 and max(scores) <= 5
+
+
+def test_every_demo_format_loads():
+    for spec in read_tasks_file(DEMO / "tasks.json").values():
+        spec, splits = load_task(spec)
+        assert len(splits["train"]) == 1200 and len(splits["validation"]) == 300
+
+
+def test_parquet_and_jsonl(tmp_path):
+    import datasets
+
+    rows = [{"s": f"the cat {i}", "y": "a" if i % 2 else "b"} for i in range(6)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("d.parquet", "d.jsonl"):
+        spec = build_spec({"name": "t", "type": "classification", "files": {"train": str(tmp_path / name)},
+                           "columns": {"text": "s", "label": "y"}})
+        spec, splits = load_task(spec)
+        assert spec.labels == ("a", "b") and len(splits["train"]) == 6
+
+
+# ------------------------------------------------------------------ bad input: task, split and column named
+def _csv(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_missing_column_names_task_split_and_column(tmp_path):
+    spec = build_spec({"name": "nli", "type": "classification",
+                       "files": {"train": _csv(tmp_path, "t.csv", "premise,label\na,x\n")},
+                       "columns": {"text": "premise", "text_pair": "hypothesis", "label": "label"}})
+    with pytest.raises(TaskError, match=r"task 'nli', split train: column 'hypothesis' \(role 'text_pair'\) not found; the data has premise, label"):
+        load_task(spec)
+
+
+def test_empty_split(tmp_path):
+    spec = build_spec({"name": "e", "type": "classification",
+                       "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,x\n"), "validation": _csv(tmp_path, "v.csv", "s,y\n")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match="task 'e', split validation: the split is empty"):
+        load_task(spec)
+
+
+def test_label_outside_label_set(tmp_path):
+    spec = build_spec({"name": "c", "type": "classification", "labels": ["pos", "neg"],
+                       "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,pos\nb,neutral\n")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match=r"task 'c', split train: label 'neutral' in column 'y' is not in the label set \[pos, neg\]"):
+        load_task(spec)
+
+
+def test_label_outside_set_in_validation_only(tmp_path):
+    spec = build_spec({"name": "c", "type": "classification",
+                       "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,pos\nb,neg\n"),
+                                 "validation": _csv(tmp_path, "v.csv", "s,y\na,meh\n")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match="split validation: label 'meh'"):
+        load_task(spec)
+
+
+def test_num_labels_mismatch_with_data(tmp_path):
+    spec = build_spec({"name": "c", "type": "classification", "num_labels": 3,
+                       "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,pos\nb,neg\n")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match="num_labels=3 but column 'y' has 2 distinct labels"):
+        load_task(spec)
+
+
+def test_regression_needs_numbers(tmp_path):
+    spec = build_spec({"name": "r", "type": "regression",
+                       "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,1.5\nb,high\n")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match="task 'r', split train: column 'y' must hold numbers"):
+        load_task(spec)
+
+
+def test_missing_file(tmp_path):
+    spec = build_spec({"name": "m", "type": "classification", "files": {"train": str(tmp_path / "nope.csv")},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError, match="task 'm', split train: file .*nope.csv does not exist"):
+        load_task(spec)
+
+
+def test_hub_dataset_offline_gives_one_line():
+    spec = build_spec(PRESETS["rte"])
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    assert "task 'rte', split train: cannot load Hub dataset nyu-mll/glue (rte)" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_multiple_choice_needs_a_fixed_number_of_choices(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"q": "x", "c": ["a", "b"], "y": 0}) + "\n" + json.dumps({"q": "x", "c": ["a", "b", "c"], "y": 0}) + "\n")
+    spec = build_spec({"name": "mc", "type": "multiple_choice", "files": {"train": str(path)},
+                       "columns": {"question": "q", "choices": "c", "label": "y"}})
+    with pytest.raises(TaskError, match="same number of choices"):
+        load_task(spec)
+
+
+def test_token_tags_must_match_tokens(tmp_path):
+    path = tmp_path / "ner.jsonl"
+    path.write_text(json.dumps({"w": ["a", "b"], "t": ["O"]}) + "\n")
+    spec = build_spec({"name": "ner", "type": "token_classification", "files": {"train": str(path)},
+                       "columns": {"tokens": "w", "label": "t"}})
+    with pytest.raises(TaskError, match="row 0 has 2 tokens but 1 tags"):
+        load_task(spec)
+
+
+# ------------------------------------------------------------------ tokenization and padding
+def test_tokenization_per_type_and_dynamic_padding(tiny_tasks, tokenizer):
+    specs = read_tasks_file(tiny_tasks)
+    for spec in specs.values():
+        spec, splits = load_task(spec)
+        ds = tokenize(spec, splits["train"], tokenizer, max_length=64)
+        assert set(ds.column_names) >= {"input_ids", "attention_mask", "labels"}
+        collate = make_collator(spec, tokenizer)
+        batch = collate([ds[i] for i in range(4)])
+        lengths = example_lengths(ds.select(range(4)))
+        assert batch["input_ids"].shape[-1] == max(lengths)  # padded to the batch's longest, not max_length
+        if spec.type == "multiple_choice":
+            assert batch["input_ids"].shape[:2] == (4, 4)
+        if spec.type == "token_classification":
+            labels = batch["labels"][0].tolist()
+            assert labels[0] == -100  # [CLS]
+            assert sorted(set(labels) - {-100}) == sorted(set(labels) - {-100})
+        if spec.type == "regression":
+            assert batch["labels"].dtype.is_floating_point
+
+
+def test_token_labels_on_first_subtoken_only(tmp_path, tokenizer):
+    path = tmp_path / "ner.jsonl"
+    path.write_text(json.dumps({"w": ["the", "unknownword", "cat"], "t": ["O", "B-x", "B-y"]}) + "\n")
+    spec = build_spec({"name": "ner", "type": "token_classification", "files": {"train": str(path)},
+                       "columns": {"tokens": "w", "label": "t"}})
+    spec, splits = load_task(spec)
+    row = tokenize(spec, splits["train"], tokenizer, max_length=32)[0]
+    kept = [spec.labels[i] for i in row["labels"] if i != -100]
+    assert kept == ["O", "B-x", "B-y"]
+
+
+def test_multitask_collator_tags_the_task_and_refuses_mixed_batches(tiny_tasks, tokenizer):
+    specs = list(read_tasks_file(tiny_tasks).values())[:2]
+    loaded = [load_task(s) for s in specs]
+    sets = [tokenize(s, sp["train"], tokenizer, 64) for s, sp in loaded]
+    dataset = MultitaskDataset(sets)
+    assert len(dataset) == sum(len(s) for s in sets)
+    collate = MultitaskCollator([s.name for s, _ in loaded], [make_collator(s, tokenizer) for s, _ in loaded])
+    batch = collate([dataset[len(sets[0])], dataset[len(sets[0]) + 1]])
+    assert batch["task"] == loaded[1][0].name
+    with pytest.raises(RuntimeError, match="mixes tasks"):
+        collate([dataset[0], dataset[len(sets[0])]])

@@ -1,0 +1,108 @@
+"""Tasks as data: presets, task files (YAML and JSON), and clear errors for bad declarations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+from trainer.tasks import PRESETS, TASK_TYPES, TaskError, build_spec, read_tasks_file, resolve_tasks
+
+
+@pytest.mark.parametrize("name", ["stsb", "rte", "commonsense_qa", "mrpc", "cola", "sst2"])
+def test_presets_are_valid_declarations(name):
+    spec = build_spec(PRESETS[name], source="presets")
+    assert spec.name == name and spec.hub and spec.type in TASK_TYPES
+    assert spec.metrics
+
+
+def test_preset_types():
+    types = {n: build_spec(PRESETS[n]).type for n in PRESETS}
+    assert types["stsb"] == "regression"
+    assert types["rte"] == types["mrpc"] == types["cola"] == types["sst2"] == "classification"
+    assert types["commonsense_qa"] == "multiple_choice"
+
+
+def test_yaml_tasks_file_with_preset_override(tmp_path):
+    (tmp_path / "tasks.yaml").write_text(
+        """
+tasks:
+  - name: stsb_local
+    preset: stsb
+    files: {train: data/train.tsv, validation: data/dev.tsv}
+    columns: {label: score}
+  - name: ner
+    type: token_classification
+    files: {train: ner.jsonl}
+    columns: {tokens: words, label: tags}
+    batch_size: 8
+"""
+    )
+    specs = read_tasks_file(tmp_path / "tasks.yaml")
+    stsb = specs["stsb_local"]
+    assert stsb.type == "regression" and stsb.hub is None
+    assert stsb.columns == {"text": "sentence1", "text_pair": "sentence2", "label": "score"}
+    assert stsb.files["train"] == str(tmp_path / "data" / "train.tsv")  # relative to the tasks file
+    assert specs["ner"].batch_size == 8 and specs["ner"].metrics == ("accuracy",)
+
+
+def test_resolve_tasks_keeps_order_and_prefers_the_file(tmp_path):
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps([{"name": "rte", "preset": "rte", "files": {"train": "t.tsv"}}]))
+    cfg = load_config({"tasks": "stsb,rte", "tasks_file": str(path)}, environ={})
+    specs = resolve_tasks(cfg)
+    assert [s.name for s in specs] == ["stsb", "rte"]
+    assert specs[1].files is not None and specs[0].hub is not None
+
+
+def test_unknown_task_name_lists_known_ones():
+    cfg = load_config({"tasks": "mnli"}, environ={})
+    with pytest.raises(ConfigError, match="unknown task 'mnli'.*commonsense_qa"):
+        resolve_tasks(cfg)
+
+
+BASE = {"name": "t", "type": "classification", "files": {"train": "a.csv"}, "columns": {"text": "s", "label": "y"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"type": "ranking"}, "unknown task type 'ranking'"),
+        ({"colums": {}}, "unknown key"),
+        ({"columns": {"text": "s", "label": "y", "choices": "c"}}, "role"),
+        ({"labels": ["a", "b"], "num_labels": 3}, "num_labels=3 but 2 labels"),
+        ({"labels": ["a", "a"]}, "distinct"),
+        ({"metrics": ["bleu"]}, "unknown metric"),
+        ({"files": {"validation": "a.csv"}}, "include 'train'"),
+        ({"files": {"train": "a.xlsx"}}, "unsupported file type"),
+        ({"hub": "x/y"}, "exactly one data source"),
+        ({"num_labels": 1}, "regression"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"preset": "mnli"}, "unknown preset"),
+        ({"name": "bad name!"}, "bad or missing name"),
+    ],
+)
+def test_bad_declarations(change, message):
+    with pytest.raises(TaskError, match=message) as err:
+        build_spec({**BASE, **change}, source="tasks.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_regression_takes_no_labels():
+    with pytest.raises(TaskError, match="takes no 'labels'"):
+        build_spec({**BASE, "type": "regression", "labels": ["a"]})
+
+
+def test_unparseable_tasks_file(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks: [name: x\n")
+    with pytest.raises(TaskError, match="does not parse"):
+        read_tasks_file(path)
+
+
+def test_duplicate_task_in_file(tmp_path):
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps([BASE, BASE]))
+    with pytest.raises(TaskError, match="declared twice"):
+        read_tasks_file(path)

@@ -1,0 +1,403 @@
+"""One typed, validated configuration for every command.
+
+Sources, highest first: CLI flags (python-fire), the process environment, an env file
+(python-dotenv; ``ENV_FILE``, default ``.env``), the built-in demo (``--demo``), defaults.
+
+Every setting is a field of :class:`Config` with its environment name (the field name in
+upper case), its type and a one-line help. Validation happens once, in :func:`load_config`,
+before any model or data is touched; a bad value raises :class:`ConfigError` whose message
+names the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_DIR = PACKAGE_DIR / "demo"
+
+SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "round_robin", "weights")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("no", "steps", "epoch")
+MODEL_INITS = ("pretrained", "scratch")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+REPORT_TO = ("none", "tensorboard")
+RESUME_MODES = ("auto", "never")
+
+# Variables that may sit in an env file beside our settings without being ours: credentials,
+# library knobs and the Vertex contract. Anything else unknown in an env file is a typo.
+FOREIGN_ENV_PREFIXES = (
+    "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "CUDA_",
+    "NCCL_", "OMP_", "MKL_", "PYTORCH_", "TORCH_", "AIP_", "CLOUD_ML_", "WANDB_", "DOCKER_", "STORAGE_EMULATOR_",
+    "PYTHON", "TENSORBOARD_", "MASTER_", "CLUSTER_SPEC", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. The message is one line: setting, value, what is allowed."""
+
+
+def _setting(default: Any, help: str, section: str, **extra: Any) -> Any:
+    meta = {"help": help, "section": section, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """All settings of a job. Environment / env-file names are the field names in upper case."""
+
+    # --- model ---
+    model_name: str = _setting("roberta-base", "Hugging Face model id or local directory of the shared encoder", "model")
+    model_init: str = _setting("pretrained", "pretrained: load weights; scratch: build from the model's config only", "model")
+    tokenizer_name: str | None = _setting(None, "tokenizer id or directory (default: MODEL_NAME)", "model")
+    max_seq_length: int = _setting(128, "truncate inputs to this many tokens (per-task max_length overrides)", "model")
+
+    # --- tasks ---
+    tasks: list[str] = _setting(
+        ["stsb", "rte", "commonsense_qa"], "comma-separated task names: presets or names from TASKS_FILE", "tasks"
+    )
+    tasks_file: str | None = _setting(None, "YAML/JSON file declaring custom tasks (see README)", "tasks")
+    max_train_samples: int | None = _setting(None, "use at most this many training examples per task (debugging)", "tasks")
+    max_eval_samples: int | None = _setting(None, "use at most this many evaluation examples per task", "tasks")
+
+    # --- sampling ---
+    sampling: str = _setting("proportional", "how task batches are mixed: " + "|".join(SAMPLING_STRATEGIES), "sampling")
+    sampling_temperature: float = _setting(2.0, "T for SAMPLING=temperature: p(task) ~ size^(1/T)", "sampling")
+    sampling_cap: int | None = _setting(None, "cap task sizes at this many examples before temperature weighting", "sampling")
+    task_weights: dict[str, float] = _setting({}, "SAMPLING=weights: task=weight pairs, e.g. stsb=1,rte=2", "sampling")
+    group_by_length: bool = _setting(True, "batch examples of similar length together (less padding)", "sampling")
+
+    # --- training ---
+    output_dir: str = _setting("outputs", "local folder for checkpoints, exports and metrics.json", "training")
+    run_name: str | None = _setting(None, "name of this run (default: model and task names); outputs go to OUTPUT_DIR/RUN_NAME", "training")
+    learning_rate: float = _setting(2e-5, "peak learning rate", "training")
+    num_train_epochs: float = _setting(3.0, "epochs over the mixed task data (ignored when MAX_STEPS > 0)", "training")
+    max_steps: int = _setting(-1, "total optimizer steps; -1 trains NUM_TRAIN_EPOCHS", "training")
+    train_batch_size: int = _setting(16, "per-device training batch size (per-task batch_size overrides)", "training")
+    eval_batch_size: int = _setting(32, "per-device evaluation batch size", "training")
+    gradient_accumulation_steps: int = _setting(1, "micro-batches per optimizer step", "training")
+    warmup_ratio: float = _setting(0.06, "fraction of steps spent warming up the learning rate", "training")
+    weight_decay: float = _setting(0.01, "AdamW weight decay", "training")
+    lr_scheduler: str = _setting("linear", "learning-rate schedule: " + "|".join(LR_SCHEDULERS), "training")
+    max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables)", "training")
+    precision: str = _setting("auto", "auto (bf16 on a GPU that supports it, else fp32)|fp32|bf16|fp16", "training")
+    seed: int = _setting(42, "random seed for weights, sampling and data order", "training")
+    logging_steps: int = _setting(50, "log training loss every N steps", "training")
+    eval_strategy: str = _setting("epoch", "when to evaluate: no|steps|epoch", "training")
+    eval_steps: int = _setting(500, "evaluate every N steps when EVAL_STRATEGY=steps", "training")
+    save_strategy: str = _setting("epoch", "when to checkpoint: no|steps|epoch", "training")
+    save_steps: int = _setting(500, "checkpoint every N steps when SAVE_STRATEGY=steps", "training")
+    save_total_limit: int | None = _setting(3, "keep at most N checkpoints (the best is always kept)", "training")
+    load_best_model_at_end: bool = _setting(True, "reload the checkpoint with the best macro-average metric at the end", "training")
+    dataloader_num_workers: int = _setting(0, "data-loading worker processes", "training")
+    report_to: str = _setting("none", "where Trainer logs go besides the console: none|tensorboard", "training")
+    export_at_end: bool = _setting(True, "export every task as a standalone Hugging Face model after training", "training")
+
+    # --- checkpoints (storage) ---
+    checkpoint_uri: str | None = _setting(None, "gs://bucket/prefix or a folder for committed checkpoints (default: OUTPUT_DIR)", "checkpoints")
+    resume: str = _setting("auto", "auto: resume the newest committed checkpoint of this run; never; or a checkpoint URI", "checkpoints")
+
+    # --- cloud (Vertex AI custom job; read by `submit` and the Makefile only) ---
+    project_id: str | None = _setting(None, "Google Cloud project id", "cloud")
+    region: str = _setting("us-central1", "Vertex AI region (also the bucket and Artifact Registry location)", "cloud")
+    image_uri: str | None = _setting(None, "container image: REGION-docker.pkg.dev/PROJECT/REPO/IMAGE:TAG", "cloud")
+    job_display_name: str | None = _setting(None, "Vertex AI job name (default: RUN_NAME)", "cloud")
+    machine_type: str = _setting("n1-standard-8", "Vertex AI machine type", "cloud")
+    accelerator_type: str = _setting("NVIDIA_TESLA_T4", "GPU type, or NONE for CPU only", "cloud")
+    accelerator_count: int = _setting(1, "GPUs per node", "cloud")
+    replica_count: int = _setting(1, "nodes (1 chief + N-1 workers)", "cloud")
+    spot: bool = _setting(False, "use Spot VMs (cheaper, can be preempted; the job resumes)", "cloud")
+    timeout: str = _setting("24h", "maximum job run time, e.g. 90m, 24h, 3600s", "cloud")
+    restart_job_on_worker_restart: bool = _setting(True, "restart all workers when one restarts", "cloud")
+    service_account: str | None = _setting(None, "service account the job runs as (default: the Vertex AI default)", "cloud")
+    labels: dict[str, str] = _setting({}, "job labels, e.g. team=nlp,owner=me", "cloud")
+    base_output_dir: str | None = _setting(None, "gs:// folder Vertex exposes as AIP_* dirs (default: CHECKPOINT_URI/RUN_NAME)", "cloud")
+    vertex_api_endpoint: str | None = _setting(None, "Vertex AI API endpoint override (default: REGION-aiplatform.googleapis.com)", "cloud")
+    boot_disk_size_gb: int = _setting(100, "boot disk size of each node in GB", "cloud")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_run_name(self) -> str:
+        """The run's name: RUN_NAME, else ``<model basename>-<task>-<task>…``."""
+        if self.run_name:
+            return self.run_name
+        base = Path(self.model_name.rstrip("/")).name or "model"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{base}-{'-'.join(self.tasks)}")[:120]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.resolved_run_name
+
+    def section(self, name: str) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["section"] == name}
+
+    def to_env(self, sections: tuple[str, ...] = ("model", "tasks", "sampling", "training", "checkpoints")) -> dict[str, str]:
+        """Settings that differ from their defaults, as environment variables (for containers)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["section"] not in sections:
+                continue
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                env[f.name.upper()] = format_value(value)
+        return env
+
+    def hash(self) -> str:
+        """Short hash of the settings that shape the trained model (not where it is stored)."""
+        payload = {k: v for s in ("model", "tasks", "sampling", "training") for k, v in self.section(s).items()}
+        for volatile in ("output_dir", "logging_steps", "dataloader_num_workers", "report_to"):
+            payload.pop(volatile, None)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+DEMO_SETTINGS = {
+    "model_name": str(DEMO_DIR / "model"),
+    "model_init": "scratch",
+    "tasks": "demo_similarity,demo_entailment,demo_choice",
+    "tasks_file": str(DEMO_DIR / "tasks.json"),
+    "run_name": "demo",
+    "learning_rate": "1e-3",
+    "num_train_epochs": "6",
+    "train_batch_size": "32",
+    "warmup_ratio": "0.05",
+    "logging_steps": "50",
+    "seed": "13",
+}
+
+
+# ---------------------------------------------------------------------- parsing values
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return "" if value is None else str(value)
+
+
+def _bad(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{name.upper()}={value!r} is not valid: expected {allowed}")
+
+
+def _parse(name: str, raw: Any) -> Any:
+    """Convert a raw value (string from env, or a Python value from fire) to the field's type."""
+    tp = _TYPES[name]
+    optional = type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if optional and raw.lower() in ("", "none", "null"):
+            return None
+    elif raw is None:
+        if optional:
+            return None
+        raise _bad(name, raw, f"a value of type {getattr(tp, '__name__', tp)}")
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise _bad(name, raw, "true or false")
+    if tp is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise _bad(name, raw, "a whole number")
+        try:
+            return int(raw) if not isinstance(raw, str) else int(raw.replace("_", ""))
+        except ValueError:
+            raise _bad(name, raw, "a whole number") from None
+    if tp is float:
+        if isinstance(raw, bool):
+            raise _bad(name, raw, "a number")
+        try:
+            return float(raw)
+        except ValueError:
+            raise _bad(name, raw, "a number, e.g. 2e-5") from None
+    if tp is str:
+        if isinstance(raw, (list, tuple, dict)):
+            raise _bad(name, raw, "a single value")
+        return str(raw)
+    if origin is list:
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        return [str(i).strip() for i in items if str(i).strip()]
+    if origin is dict:
+        value_type = typing.get_args(tp)[1]
+        if isinstance(raw, dict):
+            pairs = list(raw.items())
+        else:
+            pairs = []
+            for item in str(raw).split(","):
+                if not item.strip():
+                    continue
+                if "=" not in item:
+                    raise _bad(name, raw, "comma-separated key=value pairs, e.g. a=1,b=2")
+                k, v = item.split("=", 1)
+                pairs.append((k.strip(), v.strip()))
+        out = {}
+        for k, v in pairs:
+            try:
+                out[str(k)] = value_type(v)
+            except ValueError:
+                raise _bad(name, raw, f"key=value pairs with {value_type.__name__} values") from None
+        return out
+    raise TypeError(f"unsupported setting type {tp} for {name}")  # a programming error, not user input
+
+
+# ---------------------------------------------------------------------- sources
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key.lower(), list(FIELDS), n=1, cutoff=0.75)
+    return f" (did you mean {close[0].upper()}?)" if close else ""
+
+
+def _normalize_cli_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_").lower()
+
+
+def read_env_file(path: str | os.PathLike) -> dict[str, str]:
+    """Read KEY=value pairs with python-dotenv; unknown keys are errors (typos), foreign ones pass."""
+    from dotenv import dotenv_values
+
+    values = dotenv_values(path)
+    out = {}
+    for key, value in values.items():
+        name = key.lower()
+        if name in FIELDS:
+            out[name] = "" if value is None else value
+        elif key.upper().startswith(FOREIGN_ENV_PREFIXES) or key == "ENV_FILE":
+            continue
+        else:
+            raise ConfigError(f"unknown setting {key} in {path}{_suggest(key)}: see .env.example for the settings")
+    return out
+
+
+def load_config(
+    cli: dict[str, Any] | None = None,
+    *,
+    environ: typing.Mapping[str, str] | None = None,
+    env_file: str | os.PathLike | None = None,
+    demo: bool = False,
+) -> Config:
+    """Build and validate the config from CLI flags, environment, env file, demo preset, defaults.
+
+    Raises:
+        ConfigError: a setting is unknown, has the wrong type, or is outside its allowed values.
+    """
+    environ = os.environ if environ is None else environ
+    layers: dict[str, Any] = {}
+    if demo:
+        layers.update(DEMO_SETTINGS)
+    path = env_file if env_file is not None else environ.get("ENV_FILE", ".env")
+    if path and Path(path).is_file():
+        layers.update(read_env_file(path))
+    elif path and (env_file is not None or "ENV_FILE" in environ):
+        raise ConfigError(f"ENV_FILE={str(path)!r} does not exist: create it from .env.example or fix the path")
+    for name in FIELDS:
+        if name.upper() in environ:
+            layers[name] = environ[name.upper()]
+    for key, value in (cli or {}).items():
+        name = _normalize_cli_key(key)
+        if name not in FIELDS:
+            raise ConfigError(f"unknown flag --{key}{_suggest(name)}: run `python -m trainer settings` for the list")
+        layers[name] = value
+    cfg = Config(**{name: _parse(name, value) for name, value in layers.items()})
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------- validation
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise _bad(name, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    """Check every setting against what is allowed. Raises ConfigError naming the first bad one."""
+    _check(cfg.model_init in MODEL_INITS, "model_init", cfg.model_init, "|".join(MODEL_INITS))
+    _check(bool(cfg.model_name.strip()), "model_name", cfg.model_name, "a Hugging Face model id or a local folder")
+    _check(cfg.max_seq_length >= 8, "max_seq_length", cfg.max_seq_length, "an integer >= 8")
+    _check(len(cfg.tasks) > 0, "tasks", cfg.tasks, "at least one task name, e.g. stsb,rte")
+    dupes = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
+    _check(not dupes, "tasks", ",".join(cfg.tasks), f"each task once (repeated: {','.join(dupes)})")
+    if cfg.tasks_file is not None:
+        _check(Path(cfg.tasks_file).is_file(), "tasks_file", cfg.tasks_file, "an existing .yaml/.yml/.json file")
+        _check(
+            Path(cfg.tasks_file).suffix.lower() in (".yaml", ".yml", ".json"),
+            "tasks_file", cfg.tasks_file, "a file ending in .yaml, .yml or .json",
+        )
+    for name in ("max_train_samples", "max_eval_samples", "sampling_cap"):
+        value = getattr(cfg, name)
+        _check(value is None or value >= 1, name, value, "a positive integer or empty")
+    _check(cfg.sampling in SAMPLING_STRATEGIES, "sampling", cfg.sampling, "|".join(SAMPLING_STRATEGIES))
+    _check(cfg.sampling_temperature > 0, "sampling_temperature", cfg.sampling_temperature, "a number > 0")
+    if cfg.sampling == "weights":
+        missing = [t for t in cfg.tasks if t not in cfg.task_weights]
+        _check(not missing, "task_weights", format_value(cfg.task_weights), f"a weight for every task (missing: {','.join(missing)})")
+    extra = [t for t in cfg.task_weights if t not in cfg.tasks]
+    _check(not extra, "task_weights", format_value(cfg.task_weights), f"weights only for tasks in TASKS (not: {','.join(extra)})")
+    bad_w = [t for t, w in cfg.task_weights.items() if not w > 0]
+    _check(not bad_w, "task_weights", format_value(cfg.task_weights), "weights > 0")
+    if cfg.run_name is not None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", cfg.run_name)), "run_name", cfg.run_name,
+               "letters, digits, '.', '_' or '-' (max 128), starting with a letter or digit")
+    _check(not Path(cfg.output_dir).is_file(), "output_dir", cfg.output_dir, "a folder, not an existing file")
+    _check(cfg.learning_rate > 0, "learning_rate", cfg.learning_rate, "a number > 0, e.g. 2e-5")
+    _check(cfg.num_train_epochs > 0 or cfg.max_steps > 0, "num_train_epochs", cfg.num_train_epochs, "a number > 0 (or MAX_STEPS > 0)")
+    _check(cfg.max_steps == -1 or cfg.max_steps > 0, "max_steps", cfg.max_steps, "-1 or a positive integer")
+    for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"):
+        _check(getattr(cfg, name) >= 1, name, getattr(cfg, name), "an integer >= 1")
+    _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "a number in [0, 1)")
+    _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _check(cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "a number >= 0")
+    _check(cfg.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", cfg.lr_scheduler, "|".join(LR_SCHEDULERS))
+    _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "|".join(PRECISIONS))
+    _check(cfg.eval_strategy in STRATEGIES, "eval_strategy", cfg.eval_strategy, "|".join(STRATEGIES))
+    _check(cfg.save_strategy in STRATEGIES, "save_strategy", cfg.save_strategy, "|".join(STRATEGIES))
+    _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "a positive integer or empty")
+    _check(cfg.dataloader_num_workers >= 0, "dataloader_num_workers", cfg.dataloader_num_workers, "an integer >= 0")
+    _check(cfg.report_to in REPORT_TO, "report_to", cfg.report_to, "|".join(REPORT_TO))
+    if cfg.load_best_model_at_end:
+        _check(cfg.eval_strategy != "no", "load_best_model_at_end", True, "false when EVAL_STRATEGY=no")
+        _check(cfg.save_strategy == cfg.eval_strategy, "save_strategy", cfg.save_strategy,
+               f"the same as EVAL_STRATEGY={cfg.eval_strategy} when LOAD_BEST_MODEL_AT_END=true")
+        if cfg.eval_strategy == "steps":
+            _check(cfg.save_steps % cfg.eval_steps == 0, "save_steps", cfg.save_steps,
+                   f"a multiple of EVAL_STEPS={cfg.eval_steps} when LOAD_BEST_MODEL_AT_END=true")
+    if cfg.checkpoint_uri is not None:
+        _check(bool(re.match(r"^(gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?|file://.+|[^:]+)$", cfg.checkpoint_uri)),
+               "checkpoint_uri", cfg.checkpoint_uri, "gs://bucket[/prefix], file:///path or a local folder")
+    _check(cfg.resume in RESUME_MODES or "/" in cfg.resume, "resume", cfg.resume, "auto, never, or a checkpoint URI")
+    for name in ("accelerator_count", "replica_count", "boot_disk_size_gb"):
+        _check(getattr(cfg, name) >= 0 if name == "accelerator_count" else getattr(cfg, name) >= 1,
+               name, getattr(cfg, name), "a non-negative integer" if name == "accelerator_count" else "an integer >= 1")
+
+
+def describe_settings() -> str:
+    """Human-readable table of every setting: NAME, default, help (for `python -m trainer settings`)."""
+    lines, section = [], None
+    for f in dataclasses.fields(Config):
+        if f.metadata["section"] != section:
+            section = f.metadata["section"]
+            lines.append(f"\n[{section}]")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name.upper():<32} {format_value(default)!s:<22} {f.metadata['help']}")
+    return "\n".join(lines).lstrip("\n")

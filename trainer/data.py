@@ -1,0 +1,356 @@
+"""Loading, checking and tokenizing task data; collators and the multitask dataset.
+
+Everything type-specific is keyed by the task type's name in small tables, so a new task is
+a declaration in `tasks.py`, not code here. Checks run on the raw data before any model is
+built, and every error names the task, the split and the column.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .tasks import TaskError, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ loading
+def _file_loader_args(path: str) -> tuple[str, dict[str, Any]]:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".tsv":
+        # GLUE TSV files contain quote characters inside sentences: read them with quoting off.
+        return "csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "na_filter": False}
+    if suffix == ".csv":
+        return "csv", {"na_filter": False}
+    if suffix in (".jsonl", ".json"):
+        return "json", {}
+    return "parquet", {}
+
+
+def load_split(spec: TaskSpec, split: str):
+    """Load one split ("train" or "validation") of a task as a `datasets.Dataset`.
+
+    Raises:
+        TaskError: the file is missing or unreadable, the Hub dataset cannot be loaded, or the split is empty.
+    """
+    import datasets
+
+    where = f"task {spec.name!r}, split {split}"
+    try:
+        if spec.files is not None:
+            path = spec.files[split]
+            if not Path(path).is_file():
+                raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
+            builder, kwargs = _file_loader_args(path)
+            ds = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
+        else:
+            ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if "corresponds to no data" in first or "No columns to parse" in first:
+            raise TaskError(f"{where}: the split is empty; give it data or remove the task") from None
+        source = spec.files[split] if spec.files else f"Hub dataset {spec.hub}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+        hint = ("check the file's format and columns" if spec.files else
+                "check the name, your network (HF_HUB_OFFLINE) and that the split exists, or use local 'files' in a tasks file")
+        raise TaskError(f"{where}: cannot load {source}: {first}; {hint}") from None
+    if len(ds) == 0:
+        raise TaskError(f"{where}: the split is empty; give it data or remove the task")
+    return ds
+
+
+def has_split(spec: TaskSpec, split: str) -> bool:
+    return split in spec.files if spec.files is not None else split in spec.splits
+
+
+# ------------------------------------------------------------------------------ checks and labels
+def _column_names(spec: TaskSpec) -> list[tuple[str, str]]:
+    out = []
+    for role, col in spec.columns.items():
+        for c in col if isinstance(col, list) else [col]:
+            out.append((role, c))
+    return out
+
+
+def check_columns(spec: TaskSpec, split: str, ds) -> None:
+    """Raises TaskError if a declared column is missing from the split."""
+    for role, col in _column_names(spec):
+        if col not in ds.column_names:
+            raise TaskError(
+                f"task {spec.name!r}, split {split}: column {col!r} (role '{role}') not found; "
+                f"the data has {', '.join(ds.column_names)}; set columns.{role} in the tasks file"
+            )
+
+
+def _choices(spec: TaskSpec, row_or_batch: dict, i: int | None = None) -> list[str]:
+    col = spec.columns["choices"]
+    if isinstance(col, list):
+        values = [row_or_batch[c] if i is None else row_or_batch[c][i] for c in col]
+        return [str(v) for v in values]
+    value = row_or_batch[col] if i is None else row_or_batch[col][i]
+    if isinstance(value, dict):  # CommonsenseQA style: {"label": [...], "text": [...]}
+        value = value.get("text")
+    if not isinstance(value, list):
+        raise TaskError(f"task {spec.name!r}: column {col!r} must hold a list of choices (or {{text: [...]}}), got {type(value).__name__}")
+    return [str(v) for v in value]
+
+
+def _label_values(spec: TaskSpec, ds) -> list[Any]:
+    col = spec.columns["label"]
+    if spec.type == "token_classification":  # a list of tags per row
+        return sorted({tag for tags in ds[col] for tag in tags}, key=_sort_key)
+    return ds.unique(col)
+
+
+def _label_feature_names(spec: TaskSpec, ds) -> list[str] | None:
+    feature = ds.features.get(spec.columns["label"])
+    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for token tags
+    names = getattr(inner, "names", None)
+    return list(names) if names else None
+
+
+def _sort_key(v: Any) -> tuple:
+    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+
+
+def resolve_labels(spec: TaskSpec, train_ds) -> TaskSpec:
+    """Fill in the label names from the declaration, the dataset's ClassLabel, or the train split.
+
+    Raises:
+        TaskError: num_labels disagrees with the labels found in the data.
+    """
+    if not spec.task_type.has_label_set:
+        return spec
+    if spec.labels is not None:
+        return spec
+    if spec.type == "multiple_choice":
+        n = len(_choices(spec, train_ds[0]))
+        return spec.with_labels([str(i) for i in range(n)])
+    names = _label_feature_names(spec, train_ds)
+    if names is None:
+        names = [str(v) for v in sorted(set(_label_values(spec, train_ds)), key=_sort_key)]
+    if spec.num_labels is not None and spec.num_labels != len(names):
+        raise TaskError(
+            f"task {spec.name!r}, split train: num_labels={spec.num_labels} but column "
+            f"{spec.columns['label']!r} has {len(names)} distinct labels ({', '.join(names[:10])}); "
+            "fix num_labels or list the labels"
+        )
+    return spec.with_labels(names)
+
+
+def label_to_id(spec: TaskSpec, value: Any) -> int | None:
+    """Map a raw label (name or class index) to a class id; None if it is not in the label set."""
+    names = spec.labels or ()
+    text = str(value)
+    if text in names:
+        return names.index(text)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and 0 <= value < len(names):
+        return int(value)
+    return None
+
+
+def check_labels(spec: TaskSpec, split: str, ds) -> None:
+    """Raises TaskError for labels outside the label set, non-numeric regression targets,
+    varying numbers of choices, or token/tag sequences of different lengths."""
+    where = f"task {spec.name!r}, split {split}"
+    col = spec.columns["label"]
+    if spec.type == "regression":
+        for v in ds.unique(col):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                raise TaskError(f"{where}: column {col!r} must hold numbers for a regression task, found {v!r}") from None
+        return
+    bad = [v for v in _label_values(spec, ds) if label_to_id(spec, v) is None]
+    if bad:
+        raise TaskError(
+            f"{where}: label {bad[0]!r} in column {col!r} is not in the label set "
+            f"[{', '.join(spec.labels)}]; fix the data or add it to 'labels'"
+        )
+    if spec.type == "multiple_choice":
+        counts = {len(_choices(spec, ds[i])) for i in range(len(ds))}
+        if len(counts) != 1 or len(spec.labels) != next(iter(counts)):
+            raise TaskError(f"{where}: every example needs the same number of choices as 'labels' "
+                            f"({len(spec.labels)}); found {sorted(counts)}")
+    if spec.type == "token_classification":
+        tokens, tags = ds[spec.columns["tokens"]], ds[col]
+        for i, (tok, tag) in enumerate(zip(tokens, tags)):
+            if len(tok) != len(tag):
+                raise TaskError(f"{where}: row {i} has {len(tok)} tokens but {len(tag)} tags in column {col!r}")
+
+
+# ------------------------------------------------------------------------------ tokenization
+def _encode_sequence(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
+    texts = [str(t) for t in batch[spec.columns["text"]]]
+    pair_col = spec.columns.get("text_pair")
+    pairs = [str(t) for t in batch[pair_col]] if pair_col else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    if with_labels:
+        raw = batch[spec.columns["label"]]
+        enc["labels"] = [float(v) for v in raw] if spec.type == "regression" else [label_to_id(spec, v) for v in raw]
+    return dict(enc)
+
+
+def _encode_choices(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
+    n_rows = len(next(iter(batch.values())))
+    choices = [_choices(spec, batch, i) for i in range(n_rows)]
+    q_col = spec.columns.get("question")
+    firsts, seconds = [], []
+    for i, options in enumerate(choices):
+        question = str(batch[q_col][i]) if q_col else None
+        firsts.extend([question] * len(options) if question is not None else options)
+        seconds.extend(options if question is not None else [None] * len(options))
+    enc = tokenizer(firsts, seconds if q_col else None, truncation=True, max_length=max_length)
+    out: dict[str, list] = {}
+    for key, values in enc.items():
+        grouped, start = [], 0
+        for options in choices:
+            grouped.append(values[start : start + len(options)])
+            start += len(options)
+        out[key] = grouped
+    if with_labels:
+        out["labels"] = [label_to_id(spec, v) for v in batch[spec.columns["label"]]]
+    return out
+
+
+def _encode_tokens(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
+    words = [[str(w) for w in seq] for seq in batch[spec.columns["tokens"]]]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    if with_labels:
+        all_labels = []
+        for i, tags in enumerate(batch[spec.columns["label"]]):
+            previous, row = None, []
+            for word in enc.word_ids(i):
+                # Label the first sub-token of each word; -100 (ignored by the loss) elsewhere.
+                row.append(-100 if word is None or word == previous else label_to_id(spec, tags[word]))
+                previous = word
+            all_labels.append(row)
+        enc["labels"] = all_labels
+    return dict(enc)
+
+
+ENCODERS = {
+    "classification": _encode_sequence,
+    "regression": _encode_sequence,
+    "multiple_choice": _encode_choices,
+    "token_classification": _encode_tokens,
+}
+
+
+def tokenize(spec: TaskSpec, ds, tokenizer, max_length: int, *, with_labels: bool = True):
+    """Tokenize a split with `datasets.map` (batched, cached); keeps only model inputs and `labels`.
+
+    Raises:
+        TaskError: a token-classification task with a tokenizer that cannot map words to tokens.
+    """
+    if spec.type == "token_classification" and not getattr(tokenizer, "is_fast", False):
+        raise TaskError(f"task {spec.name!r}: token classification needs a fast (Rust) tokenizer to align tags to words")
+    encode = ENCODERS[spec.type]
+    return ds.map(
+        lambda batch: encode(spec, batch, tokenizer, max_length, with_labels),
+        batched=True,
+        remove_columns=ds.column_names,
+        desc=f"Tokenizing {spec.name}",
+    )
+
+
+def example_lengths(ds) -> np.ndarray:
+    """Token count of each example (the longest choice for multiple choice)."""
+    ids = ds["input_ids"]
+    return np.asarray([max(len(c) for c in x) if x and isinstance(x[0], list) else len(x) for x in ids])
+
+
+def make_collator(spec: TaskSpec, tokenizer, pad_to_multiple_of: int | None = None):
+    """Dynamic-padding collator for the task type (pads each batch to its longest example)."""
+    from transformers import DataCollatorForMultipleChoice, DataCollatorForTokenClassification, DataCollatorWithPadding
+
+    if spec.type == "multiple_choice":
+        return DataCollatorForMultipleChoice(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    if spec.type == "token_classification":
+        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+
+# ------------------------------------------------------------------------------ per-task bundle
+@dataclass
+class TaskData:
+    """A task's resolved spec, tokenized splits and collator."""
+
+    spec: TaskSpec
+    train: Any | None
+    validation: Any | None
+    collator: Any
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def load_task(spec: TaskSpec, *, need_train: bool = True, max_train: int | None = None,
+              max_eval: int | None = None) -> tuple[TaskSpec, dict[str, Any]]:
+    """Load and check a task's raw splits; returns the spec with labels resolved and the splits.
+
+    Raises:
+        TaskError: on any data problem (see `load_split`, `check_columns`, `check_labels`).
+    """
+    raw: dict[str, Any] = {}
+    wanted = (["train"] if need_train else []) + (["validation"] if has_split(spec, "validation") else [])
+    if need_train and not has_split(spec, "train"):
+        raise TaskError(f"task {spec.name!r}: no train split; add files.train to the tasks file")
+    for split in wanted:
+        ds = load_split(spec, split)
+        limit = max_train if split == "train" else max_eval
+        if limit is not None and len(ds) > limit:
+            ds = ds.select(range(limit))
+        check_columns(spec, split, ds)
+        raw[split] = ds
+    if "train" in raw:
+        spec = resolve_labels(spec, raw["train"])
+    elif spec.task_type.has_label_set and spec.labels is None:
+        raise TaskError(f"task {spec.name!r}: 'labels' must be declared when there is no train split to read them from")
+    for split, ds in raw.items():
+        check_labels(spec, split, ds)
+    return spec, raw
+
+
+# ------------------------------------------------------------------------------ multitask dataset
+class MultitaskDataset(torch.utils.data.Dataset):
+    """The tasks' datasets laid end to end; item i is (task index, example)."""
+
+    def __init__(self, datasets: list[Any]):
+        self.datasets = datasets
+        self.sizes = [len(d) for d in datasets]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        task = bisect.bisect_right(self.offsets, index) - 1
+        return task, self.datasets[task][index - self.offsets[task]]
+
+
+class MultitaskCollator:
+    """Collates a one-task batch with that task's collator and tags it with the task name."""
+
+    def __init__(self, names: list[str], collators: list[Any]):
+        self.names, self.collators = names, collators
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict:
+        task = items[0][0]
+        if any(t != task for t, _ in items):
+            raise RuntimeError("a batch mixes tasks: the batch sampler must yield one task per batch")
+        batch = dict(self.collators[task]([example for _, example in items]))
+        batch["task"] = self.names[task]
+        return batch

@@ -1,0 +1,167 @@
+"""The multitask model: one shared encoder, one head per task, exportable per task.
+
+Each head is the task type's own ``AutoModelFor…`` model of the encoder's architecture, so its
+layers (pooler, dropout, classifier) are exactly those that architecture uses and any encoder
+``AutoModel`` can load works, found through `base_model_prefix` rather than a list of model
+families. The head's encoder slot (``roberta``, ``bert``, ``deberta``…) is bound to the shared
+encoder without being registered as its submodule, so the encoder's parameters appear once in
+`parameters()` and `state_dict()`: checkpoints hold it once and safetensors can save them.
+
+Export rebuilds each task as a standalone ``AutoModelFor…`` with the encoder's and the head's
+weights: it loads in `transformers` with no code from this project.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+MULTITASK_FILE = "multitask.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _auto_class(spec: TaskSpec):
+    import transformers
+
+    return getattr(transformers, spec.task_type.auto_class)
+
+
+def head_config(encoder_config, spec: TaskSpec):
+    """The encoder's config with the task's labels and problem type."""
+    cfg = copy.deepcopy(encoder_config)
+    if spec.type == "regression":
+        cfg.num_labels, cfg.problem_type = 1, "regression"
+        cfg.id2label, cfg.label2id = {0: "score"}, {"score": 0}
+    else:
+        labels = list(spec.labels or [])
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {label: i for i, label in enumerate(labels)}
+        cfg.problem_type = "single_label_classification" if spec.type == "classification" else None
+    cfg.finetuning_task = spec.name
+    cfg.architectures = None
+    return cfg
+
+
+class MultitaskModel(nn.Module):
+    """Shared encoder + `heads[task]`. `forward(task=..., **inputs)` runs that task's head and loss."""
+
+    def __init__(self, encoder, specs: list[TaskSpec]):
+        super().__init__()
+        self.encoder = encoder
+        self.specs = {s.name: s for s in specs}
+        self.heads = nn.ModuleDict({s.name: self._make_head(s) for s in specs})
+
+    @property
+    def config(self):
+        return self.encoder.config
+
+    def _make_head(self, spec: TaskSpec) -> nn.Module:
+        head = _auto_class(spec).from_config(head_config(self.encoder.config, spec))
+        prefix = head.base_model_prefix
+        own_encoder = getattr(head, prefix, None)
+        if not isinstance(own_encoder, type(self.encoder)):
+            raise ValueError(
+                f"task {spec.name!r}: {type(head).__name__} expects a {type(own_encoder).__name__} encoder but "
+                f"AutoModel gave {type(self.encoder).__name__}; this architecture has no {spec.task_type.auto_class}"
+            )
+        # Drop the head's own (randomly initialised) encoder and bind the shared one without
+        # registering it, so its parameters are owned by `self.encoder` alone.
+        delattr(head, prefix)
+        object.__setattr__(head, prefix, self.encoder)
+        return head.to(dtype=next(self.encoder.parameters()).dtype)
+
+    def forward(self, task: str, **inputs):
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
+        return self.heads[task](**inputs, return_dict=True)
+
+    # ---------------------------------------------------------------- saving and loading
+    def describe(self) -> dict:
+        return {"format": 1, "tasks": [s.to_dict() for s in self.specs.values()]}
+
+    def save(self, directory: str | Path) -> None:
+        """Write weights (safetensors), the encoder config and the task declarations to `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        self.write_description(directory)
+
+    def write_description(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.encoder.config.save_pretrained(directory)
+        (directory / MULTITASK_FILE).write_text(json.dumps(self.describe(), indent=2))
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> MultitaskModel:
+        """Rebuild a model saved by `save` (or a Trainer checkpoint of it) without any download.
+
+        Raises:
+            FileNotFoundError: the directory lacks the weights or the task description.
+        """
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel
+
+        from .tasks import TaskSpec
+
+        directory = Path(directory)
+        for name in (WEIGHTS_FILE, MULTITASK_FILE, "config.json"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a multitask checkpoint: {name} is missing")
+        described = json.loads((directory / MULTITASK_FILE).read_text())
+        specs = []
+        for d in described["tasks"]:
+            d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
+            d["metrics"] = tuple(d["metrics"])
+            specs.append(TaskSpec(**d))
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
+        model = cls(encoder, specs)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return model
+
+    def export(self, task: str, directory: str | Path, tokenizer=None) -> Path:
+        """Save `task` as a standalone Hugging Face model (config with labels, weights, tokenizer).
+
+        Raises:
+            KeyError: unknown task.
+            RuntimeError: the standalone model lacks weights the multitask model should provide.
+        """
+        spec = self.specs[task]
+        head = self.heads[task]
+        standalone = _auto_class(spec).from_config(copy.deepcopy(head.config))
+        prefix = standalone.base_model_prefix
+        weights = {f"{prefix}.{k}": v for k, v in self.encoder.state_dict().items()}
+        weights.update(head.state_dict())
+        missing, unexpected = standalone.load_state_dict(weights, strict=False)
+        if missing:
+            raise RuntimeError(f"export of {task!r}: weights missing for {', '.join(missing[:5])}")
+        # `unexpected` are encoder parts this head type does not use (e.g. BERT's pooler for tokens).
+        if unexpected:
+            logger.debug("export of %s: not used by %s: %s", task, type(standalone).__name__, unexpected)
+        standalone.config.architectures = [type(standalone).__name__]
+        directory = Path(directory)
+        standalone.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
+
+def load_encoder(model_name: str, init: str, dtype: torch.dtype | None = None):
+    """The shared encoder: pretrained weights, or built from the model's config (`scratch`)."""
+    from transformers import AutoConfig, AutoModel
+
+    if init == "scratch":
+        return AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+    return AutoModel.from_pretrained(model_name, **({"dtype": dtype} if dtype is not None else {}))

@@ -1,0 +1,252 @@
+"""The Hugging Face `Trainer`, extended only where several tasks need it.
+
+`MultitaskTrainer` overrides the training data loader (one task per batch, from
+`MultitaskBatchSampler`), evaluation (each task on its own data and metrics, plus their macro
+average) and saving (the checkpoint describes its tasks). The training loop, optimizer,
+schedulers, mixed precision, logging, checkpoint rotation and resumption are `Trainer`'s own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import speed_metrics
+
+from . import metrics as metric_fns
+from .config import Config
+from .data import MultitaskCollator, MultitaskDataset, TaskData, example_lengths
+from .sampling import MultitaskBatchSampler
+from .tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
+
+MACRO_METRIC = "macro_avg"
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → bf16 on a CUDA GPU that supports it, else fp32.
+
+    Raises:
+        ValueError: fp16 or bf16 requested where the hardware cannot run it.
+    """
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError("PRECISION='fp16' is not valid: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+    return precision
+
+
+def build_training_args(cfg: Config, *, precision: str) -> TrainingArguments:
+    """`TrainingArguments` from the config; one place maps our settings to the Trainer's."""
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir),
+        run_name=cfg.resolved_run_name,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.train_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=cfg.eval_strategy,
+        eval_steps=cfg.eval_steps,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model=MACRO_METRIC,
+        greater_is_better=True,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
+        label_names=["labels"],
+        ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
+    )
+
+
+class EpochAwareLoader(DataLoader):
+    """A DataLoader whose `set_epoch` reaches the multitask batch sampler.
+
+    It is not passed through `accelerator.prepare`: accelerate would re-shard our batches across
+    ranks (each rank a different batch, so a different task); the sampler shards by rank itself.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
+class MultitaskTrainer(Trainer):
+    """`Trainer` for a `MultitaskModel` over several `TaskData`."""
+
+    def __init__(self, *args, tasks: list[TaskData], cfg: Config, **kwargs):
+        self.tasks = tasks
+        self.cfg = cfg
+        train_sets = [t.train for t in tasks if t.train is not None]
+        kwargs.setdefault("train_dataset", MultitaskDataset(train_sets) if len(train_sets) == len(tasks) else None)
+        # Trainer only checks that evaluation has data; `evaluate` below reads `self.tasks`.
+        kwargs.setdefault("eval_dataset", {t.name: t.validation for t in tasks if t.validation is not None} or None)
+        super().__init__(*args, **kwargs)
+        # Heads compute their own mean loss; never let Trainer rescale by a token count.
+        self.model_accepts_loss_kwargs = False
+
+    # ---------------------------------------------------------------- training data
+    def make_batch_sampler(self) -> MultitaskBatchSampler:
+        cfg, args = self.cfg, self.args
+        return MultitaskBatchSampler(
+            sizes=[len(t.train) for t in self.tasks],
+            batch_sizes=[t.spec.batch_size or cfg.train_batch_size for t in self.tasks],
+            strategy=cfg.sampling,
+            temperature=cfg.sampling_temperature,
+            cap=cfg.sampling_cap,
+            weights=[cfg.task_weights.get(t.name, 1.0) for t in self.tasks],
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            num_replicas=args.world_size,
+            rank=args.process_index,
+            lengths=[example_lengths(t.train) for t in self.tasks] if cfg.group_by_length else None,
+            group_by_length=cfg.group_by_length,
+            drop_last=args.dataloader_drop_last,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("training needs a train split for every task")
+        return EpochAwareLoader(
+            self.train_dataset,
+            batch_sampler=self.make_batch_sampler(),
+            collate_fn=MultitaskCollator([t.name for t in self.tasks], [t.collator for t in self.tasks]),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+
+    # ---------------------------------------------------------------- evaluation
+    def task_dataloader(self, task: TaskData, dataset) -> DataLoader:
+        """Sequential loader over one task's data, sharded across ranks by accelerate."""
+        collate = MultitaskCollator([task.name], [task.collator])
+        loader = DataLoader(
+            _Tagged(dataset),
+            batch_size=self.args.eval_batch_size,
+            collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+        return self.accelerator.prepare(loader)
+
+    def predict_task(self, task: TaskData, dataset, *, metric_key_prefix: str = "test"):
+        """Run `task`'s head over `dataset`; returns transformers' `EvalLoopOutput`."""
+        return self.evaluation_loop(
+            self.task_dataloader(task, dataset),
+            description=f"Prediction {task.name}",
+            prediction_loss_only=False,
+            metric_key_prefix=f"{metric_key_prefix}_{task.name}",
+        )
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` and `<prefix>_macro_avg`."""
+        self._memory_tracker.start()
+        start = time.time()
+        results: dict[str, float] = {}
+        scores, n_samples = [], 0
+        for task in self.tasks:
+            if task.validation is None:
+                continue
+            output = self.evaluation_loop(
+                self.task_dataloader(task, task.validation),
+                description=f"Evaluation {task.name}",
+                prediction_loss_only=False,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=f"{metric_key_prefix}_{task.name}",
+            )
+            n_samples += output.num_samples
+            results.update(output.metrics)
+            task_scores = score_task(task.spec, output.predictions, output.label_ids)
+            for name, value in task_scores.items():
+                results[f"{metric_key_prefix}_{task.name}_{name}"] = value
+            scores.append(float(np.mean([task_scores[m] for m in task.spec.metrics])))
+        if scores:
+            results[f"{metric_key_prefix}_{MACRO_METRIC}"] = float(np.mean(scores))
+        results.update(speed_metrics(metric_key_prefix, start, num_samples=n_samples))
+        self.log(results)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, results)
+        self._memory_tracker.stop_and_update_metrics(results)
+        return results
+
+    # ---------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).write_description(Path(output_dir or self.args.output_dir))
+
+
+class _Tagged(torch.utils.data.Dataset):
+    """One task's dataset as (task index 0, example) items for `MultitaskCollator`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return 0, self.dataset[i]
+
+
+# -------------------------------------------------------------------- predictions and metrics
+def decode(spec: TaskSpec, logits: np.ndarray, label_ids: np.ndarray | None = None):
+    """Turn logits into predictions: class ids, scores, or (for tokens) per-sentence tag lists.
+
+    For token classification, positions whose label is -100 (padding, special and non-first
+    sub-tokens) are dropped; `label_ids` is then required.
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    if spec.type == "regression":
+        return logits.reshape(-1)
+    if spec.type == "token_classification":
+        pred = logits.argmax(-1)
+        names = spec.labels
+        out_pred, out_ref = [], []
+        for p_row, l_row in zip(pred, label_ids):
+            keep = l_row != -100
+            out_pred.append([names[i] for i in p_row[keep]])
+            out_ref.append([names[i] for i in l_row[keep]])
+        return out_pred, out_ref
+    return logits.argmax(-1)
+
+
+def score_task(spec: TaskSpec, logits, label_ids) -> dict[str, float]:
+    """The task's metrics on one split."""
+    if spec.type == "token_classification":
+        pred, ref = decode(spec, logits, label_ids)
+        out = {}
+        for name in spec.metrics:
+            if name == "entity_f1":
+                out[name] = metric_fns.compute(name, pred, ref)
+            else:
+                out[name] = metric_fns.compute(name, [t for s in pred for t in s], [t for s in ref for t in s])
+        return out
+    pred = decode(spec, logits)
+    ref = np.asarray(label_ids).reshape(-1)
+    return {name: metric_fns.compute(name, pred, ref) for name in spec.metrics}
+
+
+def chance_scores(spec: TaskSpec, label_ids) -> dict[str, float]:
+    """What a constant guess scores on this split, per metric."""
+    ref = np.asarray(label_ids)
+    if spec.type == "token_classification":
+        ref = ref[ref != -100]
+    return {name: metric_fns.chance_level(name, ref.reshape(-1)) for name in spec.metrics}
