@@ -11,7 +11,7 @@ ENV_FILE ?= .env
 HAS_ENV := $(wildcard $(ENV_FILE))
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help venv venv-dev run-local test lint clean
+.PHONY: help venv venv-dev run-local test lint clean pull-checkpoint list-checkpoints create-bucket
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,15 @@ ifeq ($(HAS_ENV),)
 else
 	ENV_FILE=$(ENV_FILE) $(PY) -m trainer train
 endif
+
+list-checkpoints: venv ## list the run's committed checkpoints in CHECKPOINT_URI (step, time, metrics)
+	ENV_FILE=$(ENV_FILE) $(PY) -m trainer pull --list
+
+pull-checkpoint: venv ## download a checkpoint, verified: WHICH=latest|best|final|STEP, TASK=name for one exported model, DEST=dir
+	ENV_FILE=$(ENV_FILE) $(PY) -m trainer pull --which=$(or $(WHICH),latest) $(if $(TASK),--task=$(TASK)) $(if $(DEST),--dest=$(DEST))
+
+create-bucket: venv ## create CHECKPOINT_URI's bucket in REGION (uniform access) unless it exists
+	ENV_FILE=$(ENV_FILE) $(PY) -m trainer create-bucket
 
 test: venv-dev ## run the test suite (offline, tiny models, real GCS emulator and Vertex endpoint)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests

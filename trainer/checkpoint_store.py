@@ -49,6 +49,15 @@ MANIFEST_NAME = "MANIFEST.json"
 FORMAT_VERSION = 1
 DEFAULT_WORKERS = 4
 _STEP_FOLDER = re.compile(r"^checkpoint-(0|[1-9][0-9]*)$")
+FINAL_FOLDER = "final"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or the final model could not be committed to the store (retry the job)."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue this job (not committed, corrupt, other data); says what to do."""
 
 
 class ManifestError(ValueError):
@@ -74,11 +83,12 @@ class Manifest:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     created: str = ""  # ISO 8601, UTC
     format_version: int = FORMAT_VERSION
+    folder: str = ""  # "" for checkpoint-<step>; FINAL_FOLDER for the finished run's model
 
     @property
     def prefix(self) -> str:
-        """The checkpoint's folder key, e.g. ``"run/checkpoint-100"``."""
-        return checkpoint_prefix(self.run, self.step)
+        """The checkpoint's folder key, e.g. ``"run/checkpoint-100"`` or ``"run/final"``."""
+        return f"{_run_folder(self.run)}{self.folder}" if self.folder else checkpoint_prefix(self.run, self.step)
 
     def to_json(self) -> str:
         """Serialize; raises TypeError if ``metadata`` is not JSON-serializable."""
@@ -268,6 +278,23 @@ def commit_checkpoint(
         store.delete(_manifest_key(run, step))
         del existing[MANIFEST_NAME]
 
+    _upload_missing(store, prefix, files, existing, max_workers)
+    try:
+        store.write_bytes(_manifest_key(run, step), manifest_bytes, create_only=True)
+    except PreconditionFailed:
+        # A retried write whose first response was lost, or a concurrent commit.
+        committed = _read_manifest(store, run, step)
+        if committed is None or committed.files != manifest.files:
+            raise
+        return committed
+    logger.info("committed %s (%d files)", store.uri(prefix), len(files))
+    return manifest
+
+
+def _upload_missing(
+    store: Store, prefix: str, files: list[tuple[Path, FileEntry]], existing: dict[str, Any], max_workers: int
+) -> None:
+    """Upload the files not already stored identically under ``prefix``; delete leftovers."""
     wanted = {entry.path: entry for _, entry in files}
     for rel, obj in existing.items():
         if _same(obj, wanted.get(rel)):
@@ -280,16 +307,52 @@ def commit_checkpoint(
     todo = [(path, f"{prefix}/{entry.path}", entry) for path, entry in files if not _same(existing.get(entry.path), entry)]
     _run_parallel([lambda p=p, k=k, e=e: _upload_one(store, p, k, e) for p, k, e in todo], max_workers)
 
-    try:
-        store.write_bytes(_manifest_key(run, step), manifest_bytes, create_only=True)
-    except PreconditionFailed:
-        # A retried write whose first response was lost, or a concurrent commit.
-        committed = _read_manifest(store, run, step)
-        if committed is None or committed.files != manifest.files:
-            raise
-        return committed
+
+def commit_final(
+    store: Store,
+    local_dir: str | os.PathLike[str],
+    run: str,
+    step: int,
+    *,
+    metadata: Mapping[str, Any],
+    max_workers: int = DEFAULT_WORKERS,
+) -> Manifest:
+    """Commit the finished run's model, exports and metrics as ``<run>/final``.
+
+    An earlier final (a run that was resumed and finished again) is replaced:
+    its manifest is deleted first, so a half-replaced final never looks
+    committed. Raises as `commit_checkpoint`.
+    """
+    local = Path(local_dir)
+    files = _local_files(local)
+    if not files:
+        raise ValueError(f"final model folder {local} is empty")
+    prefix = f"{_run_folder(run)}{FINAL_FOLDER}"
+    manifest = Manifest(
+        run=run, step=step, files=tuple(entry for _, entry in files), metadata=dict(metadata),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), folder=FINAL_FOLDER,
+    )
+    manifest_bytes = manifest.to_json().encode()
+    store.delete(f"{prefix}/{MANIFEST_NAME}")
+    existing = {o.key[len(prefix) + 1 :]: o for o in store.list(prefix + "/")}
+    _upload_missing(store, prefix, files, existing, max_workers)
+    store.write_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, create_only=True)
     logger.info("committed %s (%d files)", store.uri(prefix), len(files))
     return manifest
+
+
+def read_final(store: Store, run: str) -> Manifest | None:
+    """The committed final model of ``run``, or None. Raises StorageError."""
+    key = f"{_run_folder(run)}{FINAL_FOLDER}/{MANIFEST_NAME}"
+    try:
+        manifest = Manifest.from_json(store.read_bytes(key))
+    except NotFound:
+        return None
+    except ManifestError as e:
+        logger.warning("ignoring %s: %s", store.uri(key), e)
+        return None
+    return Manifest(manifest.run, manifest.step, manifest.files, manifest.metadata, manifest.created,
+                    manifest.format_version, folder=FINAL_FOLDER)
 
 
 def _same(obj: Any, entry: FileEntry | None) -> bool:

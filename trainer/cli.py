@@ -11,7 +11,11 @@ import sys
 
 import fire
 
+from .checkpoint_store import CheckpointError, ResumeError
+from .cloud import CloudApiError, CloudConfigError, CloudJobFailed
 from .config import ConfigError, describe_settings, load_config
+from .launch import LaunchError
+from .storage import StorageError
 from .tasks import TaskError
 
 
@@ -30,7 +34,9 @@ class Commands:
         """
         from . import jobs
 
-        jobs.train(load_config(settings, env_file=env_file, demo=demo))
+        cfg = load_config(settings, env_file=env_file, demo=demo)
+        _relaunch_under_torchrun_if_needed()
+        jobs.train(cfg)
 
     def evaluate(self, checkpoint: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
         """Evaluate a saved model (default: the run's final model) on each task's validation split.
@@ -64,9 +70,72 @@ class Commands:
 
         jobs.export(load_config(settings, env_file=env_file, demo=demo), checkpoint, output, task)
 
-    def settings(self):
-        """List every setting with its default and meaning (env-file name = flag name in upper case)."""
-        print(describe_settings())
+    def pull(self, which: str = "latest", task: str | None = None, dest: str | None = None, list: bool = False,
+             env_file: str | None = None, **settings):
+        """List the run's committed checkpoints (--list), or download one, verifying every checksum.
+
+        --which: latest | best | final | STEP.  --task=NAME: only that task's exported model, ready
+        for from_pretrained.  --dest: target folder (default pulled/RUN/NAME).
+        Reads CHECKPOINT_URI and RUN_NAME like `train`. Example: python -m trainer pull --task=rte
+        """
+        from . import jobs
+
+        jobs.pull(load_config(settings, env_file=env_file), which=str(which), task=task, dest=dest, list_only=list)
+
+    def create_bucket(self, env_file: str | None = None, **settings):
+        """Create CHECKPOINT_URI's bucket in REGION (uniform bucket-level access) unless it exists."""
+        from . import jobs
+
+        jobs.create_bucket(load_config(settings, env_file=env_file))
+
+    def submit(self, dry_run: bool = False, wait: bool = False, env_file: str | None = None, **settings):
+        """Submit the job to Vertex AI as a custom job running IMAGE_URI (what `make cloud-train` does).
+
+        The job's settings (those that differ from the defaults) travel as container environment
+        variables; PROJECT_ID, REGION, MACHINE_TYPE, ACCELERATOR_* and the other cloud settings
+        shape the CustomJob. --dry-run prints the CustomJob JSON without sending it; --wait
+        follows the job's state until it ends.
+        """
+        import dataclasses
+
+        from . import cloud
+
+        cfg = load_config(settings, env_file=env_file)
+        cfg = dataclasses.replace(cfg, run_name=cfg.resolved_run_name)  # the job and its restarts share one run
+        cloud.submit(cfg, cfg.to_env(), args=["train"], dry_run=dry_run, wait=wait)
+
+    def settings(self, get: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
+        """List every setting with its default and meaning (env-file name = flag name in upper case).
+
+        --get=NAME prints the value of one setting as this job resolves it (for scripts and make).
+        """
+        if get is None:
+            print(describe_settings())
+            return
+        from .config import FIELDS, format_value
+
+        name = get.lower()
+        if name not in FIELDS:
+            raise ConfigError(f"--get={get!r}: no such setting; run `python -m trainer settings` for the list")
+        print(format_value(getattr(load_config(settings, env_file=env_file, demo=demo), name)))
+
+
+def _relaunch_under_torchrun_if_needed() -> None:
+    """On a node with several GPUs, or in a multi-node Vertex job, re-run this command under
+    torchrun (one process per GPU, ranks from CLUSTER_SPEC or MASTER_ADDR/RANK/WORLD_SIZE)."""
+    import os
+
+    from .launch import launch_argv
+
+    gpus = 0
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    argv = launch_argv(os.environ, max(gpus, 1), sys.argv[1:])
+    if argv:
+        print("launching: " + " ".join(argv), flush=True)
+        os.execv(argv[0], argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
         fire.Fire(Commands(), command=argv, name="trainer")
-    except (ConfigError, TaskError) as e:
+    except (ConfigError, TaskError, StorageError, ResumeError, LaunchError, CloudConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CloudApiError, CloudJobFailed, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -107,6 +107,8 @@ class Config:
     # --- checkpoints (storage) ---
     checkpoint_uri: str | None = _setting(None, "gs://bucket/prefix or a folder for committed checkpoints (default: OUTPUT_DIR)", "checkpoints")
     resume: str = _setting("auto", "auto: resume the newest committed checkpoint of this run; never; or a checkpoint URI", "checkpoints")
+    preemption_grace_seconds: float = _setting(25.0, "on SIGTERM, seconds to save, commit and exit 0 (Spot VMs get 30)", "checkpoints")
+    storage_retry_deadline: float = _setting(300.0, "seconds the storage client keeps retrying a failing request", "checkpoints")
 
     # --- cloud (Vertex AI custom job; read by `submit` and the Makefile only) ---
     project_id: str | None = _setting(None, "Google Cloud project id", "cloud")
@@ -138,6 +140,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.resolved_run_name
+
+    @property
+    def store_uri(self) -> str:
+        """Where committed checkpoints go: CHECKPOINT_URI, else OUTPUT_DIR (in place)."""
+        return self.checkpoint_uri or self.output_dir
 
     def section(self, name: str) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["section"] == name}
@@ -171,12 +178,12 @@ DEMO_SETTINGS = {
     "tasks": "demo_similarity,demo_entailment,demo_choice",
     "tasks_file": str(DEMO_DIR / "tasks.json"),
     "run_name": "demo",
-    "learning_rate": "1e-3",
-    "num_train_epochs": "6",
+    "learning_rate": "5e-4",
+    "num_train_epochs": "12",
     "train_batch_size": "32",
     "warmup_ratio": "0.05",
     "logging_steps": "50",
-    "seed": "13",
+    "seed": "1",
 }
 
 
@@ -314,6 +321,8 @@ def load_config(
     for name in FIELDS:
         if name.upper() in environ:
             layers[name] = environ[name.upper()]
+    if "checkpoint_uri" not in layers and environ.get("AIP_CHECKPOINT_DIR"):
+        layers["checkpoint_uri"] = environ["AIP_CHECKPOINT_DIR"]  # Vertex AI's contract
     for key, value in (cli or {}).items():
         name = _normalize_cli_key(key)
         if name not in FIELDS:
@@ -386,6 +395,8 @@ def validate(cfg: Config) -> None:
         _check(bool(re.match(r"^(gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?|file://.+|[^:]+)$", cfg.checkpoint_uri)),
                "checkpoint_uri", cfg.checkpoint_uri, "gs://bucket[/prefix], file:///path or a local folder")
     _check(cfg.resume in RESUME_MODES or "/" in cfg.resume, "resume", cfg.resume, "auto, never, or a checkpoint URI")
+    _check(cfg.preemption_grace_seconds > 0, "preemption_grace_seconds", cfg.preemption_grace_seconds, "a number of seconds > 0")
+    _check(cfg.storage_retry_deadline > 0, "storage_retry_deadline", cfg.storage_retry_deadline, "a number of seconds > 0")
     for name in ("accelerator_count", "replica_count", "boot_disk_size_gb"):
         _check(getattr(cfg, name) >= 0 if name == "accelerator_count" else getattr(cfg, name) >= 1,
                name, getattr(cfg, name), "a non-negative integer" if name == "accelerator_count" else "an integer >= 1")

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ loading
-def _file_loader_args(path: str) -> tuple[str, dict[str, Any]]:
+def file_loader_args(path: str) -> tuple[str, dict[str, Any]]:
     suffix = Path(path).suffix.lower()
     if suffix == ".tsv":
         # GLUE TSV files contain quote characters inside sentences: read them with quoting off.
@@ -49,7 +49,7 @@ def load_split(spec: TaskSpec, split: str):
             path = spec.files[split]
             if not Path(path).is_file():
                 raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
-            builder, kwargs = _file_loader_args(path)
+            builder, kwargs = file_loader_args(path)
             ds = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
         else:
             ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))

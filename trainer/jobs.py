@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from .checkpoint_store import CheckpointError
 from .config import Config
-from .data import TaskData, load_task, make_collator, tokenize
+from .data import TaskData, file_loader_args, load_task, make_collator, tokenize
 from .model import MULTITASK_FILE, MultitaskModel, load_encoder
+from .platform import export_to_model_dir, platform_callbacks
 from .tasks import TaskError, TaskSpec, resolve_tasks
 from .training import (
     MACRO_METRIC,
@@ -88,18 +92,41 @@ def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str 
 
 
 # ------------------------------------------------------------------------------ train
+def open_checkpoint_store(cfg: Config, *, check: bool = True):
+    """The checkpoint store, checked for access now: a bad bucket fails before any training.
+
+    Raises:
+        StorageError: the bucket or folder cannot be used (names it and the fix).
+    """
+    from .storage import open_store
+
+    store = open_store(cfg.store_uri, retry_deadline=cfg.storage_retry_deadline,
+                       setting="CHECKPOINT_URI" if cfg.checkpoint_uri else "OUTPUT_DIR")
+    if check:
+        store.check_access()
+    return store
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train all tasks together, evaluate, save the final model, export each task, write metrics.json.
 
+    Every save is committed to the checkpoint store in the background; on start the newest
+    committed checkpoint of the run is resumed; SIGTERM saves, commits and stops.
+
     Raises:
-        ConfigError, TaskError: bad settings or data, before any model is built.
+        ConfigError, TaskError, StorageError: bad settings, data or bucket, before any training.
+        CheckpointError: a checkpoint could not be committed (the job should be retried).
     """
     from transformers import set_seed
+
+    from .checkpointing import CheckpointSync, PreemptionHandler, check_sampler, sampler_identity
 
     setup_logging()
     precision = resolve_precision(cfg.precision)
     specs = resolve_tasks(cfg)
-    logger.info("Run %s: %s on %s (config %s)", cfg.resolved_run_name, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
+    run = cfg.resolved_run_name
+    logger.info("Run %s: %s on %s (config %s)", run, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
+    store = open_checkpoint_store(cfg)
     specs, raw = prepare_tasks(cfg, specs, need_train=True)
     set_seed(cfg.seed)
 
@@ -107,24 +134,89 @@ def train(cfg: Config) -> dict[str, Any]:
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
 
+    tensorboard = cfg.report_to == "tensorboard" or bool(os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
+    if tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
     trainer = MultitaskTrainer(
-        model=model, args=build_training_args(cfg, precision=precision), tasks=tasks, cfg=cfg, processing_class=tokenizer,
+        model=model, args=build_training_args(cfg, precision=precision, tensorboard=tensorboard), tasks=tasks, cfg=cfg,
+        processing_class=tokenizer,
     )
-    resume = cfg.resume if cfg.resume not in ("auto", "never") else None
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # the final (or best, with LOAD_BEST_MODEL_AT_END) model, in the run folder
+    for callback in platform_callbacks(cfg.run_dir, MACRO_METRIC):
+        trainer.add_callback(callback)
+    sampler = trainer.make_batch_sampler()
+    identity = sampler_identity(sampler.sizes, sampler.batch_sizes, cfg)
+    sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), sampler_state=lambda: identity, keep=cfg.save_total_limit)
+    preemption = PreemptionHandler()
+    trainer.add_callback(sync)
+    trainer.add_callback(preemption)
 
-    results: dict[str, Any] = {"run": cfg.resolved_run_name, "config_hash": cfg.hash(), "train": train_result.metrics}
+    resume_from = _resume_point(cfg, store, trainer)
+    if resume_from is not None:
+        check_sampler(resume_from, identity)
+    preemption.install()
+    try:
+        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        preemption.uninstall()
+
+    if preemption.stopped:
+        done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
+        logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
+                       trainer.state.global_step, "checkpoint committed" if done else "the last commit did not finish in time")
+        return {"run": run, "preempted": True, "step": trainer.state.global_step}
+
+    final_dir = cfg.run_dir / "final"
+    trainer.save_model(str(final_dir))  # the final (or best, with LOAD_BEST_MODEL_AT_END) model
+
+    results: dict[str, Any] = {"run": run, "config_hash": cfg.hash(), "train": train_result.metrics}
     if any(t.validation is not None for t in tasks):
         eval_metrics = trainer.evaluate()
         results["eval"] = eval_metrics
         results["chance"] = chance_report(tasks, eval_metrics)
     if cfg.export_at_end and trainer.args.should_save:
-        results["exported"] = {t.name: str(model.export(t.name, cfg.run_dir / "export" / t.name, tokenizer)) for t in tasks}
-        logger.info("Exported %d task models to %s", len(tasks), cfg.run_dir / "export")
+        results["exported"] = {t.name: str(model.export(t.name, final_dir / "export" / t.name, tokenizer)) for t in tasks}
+        logger.info("Exported %d task models to %s", len(tasks), final_dir / "export")
     if trainer.args.should_save:
+        write_metrics(final_dir / "metrics.json", results)
         write_metrics(cfg.run_dir / "metrics.json", results)
+        _commit_final(store, sync, run, trainer.state.global_step, final_dir, cfg)
+        export_to_model_dir(final_dir / "export")
     return results
+
+
+def _run_metadata(cfg: Config) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"config_hash": cfg.hash(), "model_name": cfg.model_name, "tasks": cfg.tasks,
+            "versions": {"trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}}
+
+
+def _resume_point(cfg: Config, store, trainer) -> Path | None:
+    """The local checkpoint folder to resume from; one process per node downloads it."""
+    from .checkpointing import STAGING, resume_checkpoint
+
+    marker = cfg.run_dir / ".resume-from"
+    with trainer.args.main_process_first(local=True, desc="finding the checkpoint to resume"):
+        if trainer.args.local_process_index == 0:
+            shutil.rmtree(cfg.run_dir / STAGING, ignore_errors=True)
+            found = resume_checkpoint(store, cfg.resolved_run_name, cfg.resume, cfg.run_dir)
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(found) if found else "")
+        text = marker.read_text()
+    return Path(text) if text else None
+
+
+def _commit_final(store, sync, run: str, step: int, final_dir: Path, cfg: Config) -> None:
+    from . import checkpoint_store
+
+    if not sync.finish():
+        failed = ", ".join(f"checkpoint-{s}" for s, _ in (sync.committer.failed if sync.committer else []))
+        raise CheckpointError(f"checkpoints were not committed to {store.uri()}: {failed}; see the log above")
+    checkpoint_store.commit_final(store, final_dir, run, step, metadata={**_run_metadata(cfg), "step": step})
+    logger.info("Final model committed to %s", store.uri(f"{run}/final"))
 
 
 def write_metrics(path: Path, results: dict[str, Any]) -> None:
@@ -147,8 +239,8 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
         if not (path / MULTITASK_FILE).is_file():
             raise TaskError(f"--checkpoint={checkpoint!r} is not a multitask model folder ({MULTITASK_FILE} missing)")
         return path
-    if (cfg.run_dir / MULTITASK_FILE).is_file():
-        return cfg.run_dir
+    if (cfg.run_dir / "final" / MULTITASK_FILE).is_file():
+        return cfg.run_dir / "final"
     steps = sorted(cfg.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     steps = [p for p in steps if (p / MULTITASK_FILE).is_file()]
     if steps:
@@ -156,9 +248,11 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
     raise TaskError(f"no trained model in {cfg.run_dir}: train first, or pass --checkpoint=PATH")
 
 
-def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer) -> MultitaskTrainer:
+def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer, where: Path) -> MultitaskTrainer:
+    """A Trainer for evaluation/prediction only; it works in the model's folder (creates nothing new)."""
     args = build_training_args(cfg, precision=resolve_precision(cfg.precision))
     args.report_to = []
+    args.output_dir = str(where)
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer, train_dataset=None)
 
 
@@ -178,9 +272,9 @@ def evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     specs = list(model.specs.values())
     specs, raw = prepare_tasks(cfg, specs, need_train=False)
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
-    metrics = _trainer_for(cfg, model, tasks, tokenizer).evaluate()
+    metrics = _trainer_for(cfg, model, tasks, tokenizer, path).evaluate()
     chance_report(tasks, metrics)
-    logger.info("%s: %s = %.4f", path, MACRO_METRIC, metrics.get(f"eval_{MACRO_METRIC}", float("nan")))
+    logger.info("%s: %s = %.6f", path, MACRO_METRIC, metrics.get(f"eval_{MACRO_METRIC}", float("nan")))
     return metrics
 
 
@@ -207,9 +301,7 @@ def _read_inputs(path: Path):
         raise TaskError(f"--input={str(path)!r} does not exist")
     if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
         raise TaskError(f"--input={str(path)!r}: use a .jsonl, .csv or .tsv file")
-    from .data import _file_loader_args
-
-    builder, kwargs = _file_loader_args(str(path))
+    builder, kwargs = file_loader_args(str(path))
     return datasets.load_dataset(builder, data_files={"test": str(path)}, split="test", **kwargs)
 
 
@@ -240,7 +332,7 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     check_columns(spec, "input", ds)
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length)
     data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer))
-    out = _trainer_for(cfg, model, [data], tokenizer).predict_task(data, tokenized)
+    out = _trainer_for(cfg, model, [data], tokenizer, path).predict_task(data, tokenized)
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
 
     rows: list[dict[str, Any]] = []
@@ -261,3 +353,92 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
             f.write(json.dumps(row) + "\n")
     logger.info("Wrote %d predictions to %s", len(rows), out_path)
     return out_path
+
+
+# ------------------------------------------------------------------------------ the bucket
+def create_bucket(cfg: Config) -> bool:
+    """Create CHECKPOINT_URI's bucket in REGION with uniform access, unless it exists.
+
+    Raises:
+        ConfigError: CHECKPOINT_URI is not a gs:// URI.
+        StorageError: no permission, or the name is taken.
+    """
+    from .config import ConfigError
+    from .storage import GcsStore
+
+    store = open_checkpoint_store(cfg, check=False)
+    if not isinstance(store, GcsStore):
+        raise ConfigError(f"CHECKPOINT_URI={cfg.checkpoint_uri!r} is not a gs:// URI: set CHECKPOINT_URI=gs://BUCKET/PREFIX in .env")
+    created = store.create_bucket(location=cfg.region, project=cfg.project_id)
+    print(f"{'created' if created else 'already exists:'} gs://{store.bucket_name}" + (f" in {cfg.region}" if created else ""))
+    return created
+
+
+def _macro(manifest) -> float | None:
+    value = (manifest.metadata.get("metrics") or {}).get(f"eval_{MACRO_METRIC}")
+    return float(value) if value is not None else None
+
+
+def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str | None = None,
+         list_only: bool = False) -> Path | None:
+    """List a run's committed checkpoints, or download one, verifying every checksum.
+
+    `which`: latest | best (highest macro average) | final (the finished model and its exports)
+    | a step number. With `task`, only that task's exported model (from the final model),
+    ready for `from_pretrained`.
+
+    Raises:
+        TaskError: nothing matches `which`/`task`.
+        StorageError: CorruptObjectError for a changed object, UnsafeObjectName for a bad name.
+    """
+    from . import checkpoint_store as cs
+
+    setup_logging()
+    store = open_checkpoint_store(cfg, check=False)
+    run = cfg.resolved_run_name
+    committed = cs.list_checkpoints(store, run)
+    final = cs.read_final(store, run)
+    if list_only:
+        incomplete = cs.list_incomplete(store, run)
+        print(f"{store.uri(run)}:")
+        print(f"  {'checkpoint':<18} {'step':>8}  {'created (UTC)':<26} {MACRO_METRIC:>10}")
+        for m in [*committed, *([final] if final else [])]:
+            macro = _macro(m)
+            name = m.prefix.rsplit("/", 1)[-1]
+            print(f"  {name:<18} {m.step:>8}  {m.created:<26} {'' if macro is None else f'{macro:.4f}':>10}")
+        for step in incomplete:
+            print(f"  checkpoint-{step:<7} {step:>8}  (incomplete: no manifest, never resumed)")
+        return None
+    if task is not None and which == "latest":
+        which = "final"
+    if which == "final":
+        manifest = final
+    elif which == "latest":
+        manifest = committed[-1] if committed else None
+    elif which == "best":
+        scored = [m for m in committed if _macro(m) is not None]
+        manifest = max(scored, key=_macro) if scored else None
+    elif which.removeprefix("checkpoint-").isdigit():
+        step = int(which.removeprefix("checkpoint-"))
+        manifest = next((m for m in committed if m.step == step), None)
+    else:
+        raise TaskError(f"--which={which!r} is not valid: use latest, best, final or a step number")
+    if manifest is None:
+        steps = ", ".join(str(m.step) for m in committed) or "none"
+        raise TaskError(f"no committed checkpoint '{which}' for run {run} in {store.uri()} (committed steps: {steps}; "
+                        f"final: {'yes' if final else 'no'}): run `python -m trainer pull --list`")
+    name = manifest.prefix.rsplit("/", 1)[-1]
+    target = Path(dest) if dest else Path("pulled") / run / (f"{name}-{task}" if task else name)
+    if task is None:
+        cs.download_checkpoint(store, manifest, target)
+    else:
+        only = f"export/{task}/"
+        if not any(f.path.startswith(only) for f in manifest.files):
+            tasks = sorted({f.path.split("/")[1] for f in manifest.files if f.path.startswith("export/")})
+            raise TaskError(f"--task={task!r} has no exported model in {store.uri(manifest.prefix)}; exported: {', '.join(tasks) or 'none'}")
+        staging = cs.download_checkpoint(store, manifest, target.parent / f".{target.name}.pull", only=only)
+        shutil.rmtree(target, ignore_errors=True)
+        (staging / "export" / task).rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Pulled %s (verified) to %s", store.uri(manifest.prefix), target)
+    return target

@@ -66,7 +66,11 @@ class MultitaskModel(nn.Module):
         return self.encoder.config
 
     def _make_head(self, spec: TaskSpec) -> nn.Module:
-        head = _auto_class(spec).from_config(head_config(self.encoder.config, spec))
+        try:
+            head = _auto_class(spec).from_config(head_config(self.encoder.config, spec))
+        except ValueError as e:
+            raise ValueError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
+                             f"{spec.task_type.auto_class}; use another encoder or drop the task") from e
         prefix = head.base_model_prefix
         own_encoder = getattr(head, prefix, None)
         if not isinstance(own_encoder, type(self.encoder)):

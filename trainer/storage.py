@@ -593,6 +593,30 @@ class GcsStore(Store):
         """The store's one ``google.cloud.storage.Client``."""
         return self._get_bucket().client
 
+    def create_bucket(self, *, location: str, project: str | None = None) -> bool:
+        """Create the bucket (uniform bucket-level access) in `location` unless it exists.
+
+        Returns True when it was created, False when it was already there.
+        Raises PermanentStorageError (no permission, name taken by another project), StorageError.
+        """
+        from google.api_core import exceptions
+
+        bucket = self._get_bucket()
+        with self._errors("", on_missing="bucket"):
+            if bucket.exists(retry=self._retry):
+                return False
+        bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+        try:
+            with self._errors(""):
+                bucket.client.create_bucket(bucket, location=location, project=project, retry=self._retry)
+        except StorageError as e:
+            if isinstance(e.__cause__, exceptions.Conflict):  # created meanwhile, or taken by another project
+                if bucket.exists(retry=self._retry):
+                    return False
+                raise PermanentStorageError(f"bucket name gs://{self.bucket_name} is taken: choose another in {self.setting}") from e
+            raise
+        return True
+
     def _make_client(self) -> Any:
         from google.cloud import storage
 

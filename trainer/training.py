@@ -43,7 +43,7 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def build_training_args(cfg: Config, *, precision: str) -> TrainingArguments:
+def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's."""
     return TrainingArguments(
         output_dir=str(cfg.run_dir),
@@ -72,7 +72,7 @@ def build_training_args(cfg: Config, *, precision: str) -> TrainingArguments:
         metric_for_best_model=MACRO_METRIC,
         greater_is_better=True,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to=["tensorboard"] if tensorboard or cfg.report_to == "tensorboard" else [],
         remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient

@@ -116,7 +116,7 @@ def main() -> None:
     tokenizer.save_pretrained(model)
     BertConfig(
         vocab_size=len(vocab), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=256, max_position_embeddings=64, hidden_dropout_prob=0.1,
+        intermediate_size=256, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     ).save_pretrained(model)
 
 
