@@ -201,3 +201,20 @@ def test_multitask_collator_tags_the_task_and_refuses_mixed_batches(tiny_tasks, 
     assert batch["task"] == loaded[1][0].name
     with pytest.raises(RuntimeError, match="mixes tasks"):
         collate([dataset[0], dataset[len(sets[0])]])
+
+
+def test_cli_bad_data_exits_2_before_writing_anything(tmp_path, tiny_model):
+    from tests.conftest import run_cli
+
+    (tmp_path / "t.csv").write_text("premise,label\na,x\n")
+    (tmp_path / "tasks.json").write_text(json.dumps([{"name": "nli", "type": "classification", "files": {"train": "t.csv"},
+                                                     "columns": {"text": "premise", "text_pair": "hypothesis"}}]))
+    out = tmp_path / "outputs"
+    result = run_cli("train", f"--model_name={tiny_model}", "--model_init=scratch", f"--tasks_file={tmp_path / 'tasks.json'}",
+                     "--tasks=nli", f"--output_dir={out}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: task 'nli', split train: column 'hypothesis' (role 'text_pair') not found; "
+        "the data has premise, label; set columns.text_pair in the tasks file"
+    )
+    assert not out.exists()

@@ -389,12 +389,14 @@ class LocalStore(Store):
             raise StorageError(f"{self.uri(key)}: {e}") from e
 
     def check_access(self, *, write: bool = True) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise PermanentStorageError(
-                f"cannot create the storage folder {self.root} ({e.strerror or e}): fix {self.setting}"
-            ) from e
+        if not self.root.exists():
+            # Nothing is created before the job really writes: check where the folder would go.
+            parent = next(p for p in self.root.parents if p.exists())
+            if not parent.is_dir() or (write and not os.access(parent, os.W_OK | os.X_OK)):
+                raise PermanentStorageError(f"cannot create the storage folder {self.root} under {parent}: fix {self.setting}")
+            return
+        if not self.root.is_dir():
+            raise PermanentStorageError(f"the storage folder {self.root} is a file: fix {self.setting}")
         if write and not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
             raise PermanentStorageError(f"the storage folder {self.root} is not writable: fix its permissions or {self.setting}")
         if write:
