@@ -76,6 +76,8 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
         remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
+        # Without a GPU, torchrun processes only join one job (gloo) when asked to run on the CPU.
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
