@@ -84,6 +84,8 @@ class MultitaskBatchSampler(Sampler[list[int]]):
             raise ValueError("need one batch size per task and at least one task")
         if any(n < 1 for n in sizes):
             raise ValueError(f"every task needs at least one example, got sizes {list(sizes)}")
+        if any(b < 1 for b in batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.sizes = list(sizes)
