@@ -16,10 +16,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.runtime: requirements.txt constraints.txt
+$(VENV)/.runtime: requirements.txt requirements-cloud.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r constraints.txt
-	$(PIP) -c constraints.txt -r requirements.txt
+	$(PIP) -c constraints.txt -r requirements.txt -r requirements-cloud.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
