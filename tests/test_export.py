@@ -46,16 +46,6 @@ ATOL = 1e-5
 CLI_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine torch's thread pool only
-    contends (measured: 32 single-example forwards took 5 s with 2 threads, 0.03 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class TrainedRun:
     model_dir: Path  # the trained (final) multitask model; its exports are in export/<task>

@@ -45,16 +45,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine torch's thread pool only
-    contends (measured: 32 single-example forwards took 5 s with 2 threads, 0.03 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def declare(name: str, task_type: str, labels: list[str] | None = None):
     """A TaskSpec from an inline declaration, labels resolved as `load_task` would."""
     spec = build_spec({"name": name, "type": task_type, "files": {"train": f"{name}.jsonl"}})
