@@ -213,12 +213,15 @@ def step_times(setup: Setup, task, checkpoint: Path, work: Path, upload_cpus: li
 def uploader(checkpoint: str, run: str, ready: str) -> None:
     """The other process of `run_elsewhere`: commit `checkpoint` over and over until terminated."""
     from trainer.checkpoint_store import commit_checkpoint
+    from trainer.checkpointing import background_upload_workers
     from trainer.storage import open_store
 
     store = open_store(f"gs://{BUCKET}/elsewhere", retry_deadline=60)
     Path(ready).touch()
     for step in range(1, 10**6):
-        commit_checkpoint(store, checkpoint, run, step, metadata={"benchmark": True})
+        # As many upload streams as the trainer's committer would use on this process's CPUs.
+        commit_checkpoint(store, checkpoint, run, step, metadata={"benchmark": True},
+                          max_workers=background_upload_workers())
         store.delete_prefix(f"{run}/checkpoint-{step}/")
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, run_cli, write_tasks_file
 from tests.gcs_server import fake_gcs_server
 from trainer import checkpoint_store as cs
+from trainer.checkpointing import BackgroundCommitter, _Job, background_upload_workers
 from trainer.storage import open_store
 
 RUN = "ckpt"
@@ -254,3 +256,74 @@ def test_create_bucket(gcs_server):
     assert again.returncode == 0 and "already exists" in again.stdout
     local = run_cli("create-bucket", "--checkpoint_uri=/tmp/x")
     assert local.returncode == 2 and "CHECKPOINT_URI" in local.stderr
+
+
+# ------------------------------------------------------------------------------ the background committer
+class _GatedStore:
+    """A real LocalStore whose uploads wait for `gate` and count how many run at once."""
+
+    def __init__(self, store, gate: threading.Event):
+        self._store, self.gate = store, gate
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def upload_file(self, *args, **kwargs):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            assert self.gate.wait(30)
+            time.sleep(0.01)  # long enough for other workers, if any, to start theirs
+            return self._store.upload_file(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def _folder(root: Path, step: int, files: int = 4) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for i in range(files):
+        (folder / f"part{i}.bin").write_bytes(os.urandom(1000))
+    return folder
+
+
+def test_committer_coalesces_saves_made_while_one_is_in_flight(tmp_path):
+    gate = threading.Event()
+    store = _GatedStore(open_store(str(tmp_path / "bucket")), gate)
+    committer = BackgroundCommitter(store, RUN, keep=None, workers=2)
+    committer.submit(_Job(1, _folder(tmp_path / "s", 1), {}))
+    deadline = time.monotonic() + 10
+    while store.running == 0 and time.monotonic() < deadline:  # step 1 is in flight
+        time.sleep(0.01)
+    waiting = _folder(tmp_path / "s", 2)
+    committer.submit(_Job(2, waiting, {}))
+    committer.submit(_Job(3, _folder(tmp_path / "s", 3), {}))  # replaces 2, which never uploads
+    assert not waiting.exists()
+    assert not committer.wait(timeout=0)
+    gate.set()
+    assert committer.wait(timeout=30)
+    committer.close()
+    assert committer.committed == [1, 3] and not committer.failed
+    assert [m.step for m in cs.list_checkpoints(store, RUN)] == [1, 3]
+    assert store.most <= 2
+    assert not list((tmp_path / "s").iterdir())  # every snapshot removed once handled
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (4, 2), (16, cs.DEFAULT_WORKERS)])
+def test_background_commits_leave_training_half_the_cpus(cpus, workers, monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert background_upload_workers() == workers
+
+    gate = threading.Event()
+    gate.set()
+    store = _GatedStore(open_store(str(tmp_path / "bucket")), gate)
+    committer = BackgroundCommitter(store, RUN, keep=None)
+    committer.submit(_Job(1, _folder(tmp_path / "s", 1, files=6), {}))
+    assert committer.wait(timeout=30)
+    committer.close()
+    assert committer.committed == [1] and store.most <= workers

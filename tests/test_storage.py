@@ -6,6 +6,7 @@ the rest is GCS- or local-specific. No google-cloud-storage mocks.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -83,6 +84,17 @@ def test_round_trip(store, tmp_path):
     store.delete("run/a/config.json")
     store.delete("run/a/config.json")  # deleting a missing object is fine
     assert [o.key for o in store.list()] == ["run/a/weights.bin"]
+
+
+def test_upload_with_a_known_checksum_checks_the_stored_object_against_it(store, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"the bytes the manifest was made from")
+    known = file_crc32c(src)
+    assert store.upload_file(src, "k", crc32c=known).crc32c == known
+
+    src.write_bytes(b"changed after the manifest was made!")  # same size, other bytes
+    with pytest.raises(CorruptObjectError, match=re.escape(known)):
+        store.upload_file(src, "k2", crc32c=known)
 
 
 def test_overwrite_replaces_without_create_only(store):

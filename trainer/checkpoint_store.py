@@ -203,7 +203,7 @@ def _run_parallel(tasks: Iterable[Callable[[], None]], max_workers: int) -> None
 
 def _upload_one(store: Store, path: Path, key: str, entry: FileEntry) -> None:
     try:
-        stored = store.upload_file(path, key, create_only=True)
+        stored = store.upload_file(path, key, create_only=True, crc32c=entry.crc32c)
     except PreconditionFailed:
         # Already there: our own earlier attempt (a retried request whose
         # first response was lost, or a crashed run). Keep it if identical.
@@ -211,7 +211,7 @@ def _upload_one(store: Store, path: Path, key: str, entry: FileEntry) -> None:
         if (stored.size, stored.crc32c) != (entry.size, entry.crc32c):
             logger.warning("replacing %s left over from an interrupted commit", store.uri(key))
             store.delete(key)
-            stored = store.upload_file(path, key, create_only=True)
+            stored = store.upload_file(path, key, create_only=True, crc32c=entry.crc32c)
     if (stored.size, stored.crc32c) != (entry.size, entry.crc32c):
         raise CorruptObjectError(
             f"{store.uri(key)} was stored with size {stored.size} and crc32c {stored.crc32c}, "

@@ -201,8 +201,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def upload_file(self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False) -> ObjectInfo:
+    def upload_file(
+        self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False, crc32c: str | None = None
+    ) -> ObjectInfo:
         """Store a local file as ``key``, sent with its crc32c.
+
+        ``crc32c``: the file's checksum when the caller has it already (a
+        commit computes it for the manifest), which saves reading the file a
+        second time; the stored object is checked against it.
 
         Raises PreconditionFailed if ``create_only`` and ``key`` exists,
         CorruptObjectError if the stored checksum differs from the local one,
@@ -442,7 +448,9 @@ class LocalStore(Store):
             raise PreconditionFailed(f"{self.uri(key)} already exists") from e
         os.replace(tmp, dest)
 
-    def upload_file(self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False) -> ObjectInfo:
+    def upload_file(
+        self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False, crc32c: str | None = None
+    ) -> ObjectInfo:
         validate_key(key)
         with open(local_path, "rb") as src:
 
@@ -451,7 +459,10 @@ class LocalStore(Store):
                 while chunk := src.read(_CHUNK):
                     checksum.update(chunk)
                     f.write(chunk)
-                return _encode(checksum)
+                crc = _encode(checksum)
+                if crc32c is not None and crc != crc32c:
+                    raise CorruptObjectError(f"{local_path} has crc32c {crc} now, expected {crc32c}: was it modified?")
+                return crc
 
             return self._write(key, fill, create_only=create_only)
 
@@ -730,9 +741,11 @@ class GcsStore(Store):
             raise CorruptObjectError(f"{self.uri(key)} was stored with crc32c {blob.crc32c}, the data sent has {local_crc}")
         return ObjectInfo(key, blob.size, blob.crc32c, _updated(blob.updated))
 
-    def upload_file(self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False) -> ObjectInfo:
+    def upload_file(
+        self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False, crc32c: str | None = None
+    ) -> ObjectInfo:
         validate_key(key)
-        crc = file_crc32c(local_path)
+        crc = crc32c or file_crc32c(local_path)
         with open(local_path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
 
