@@ -311,8 +311,9 @@ def run(setup: Setup) -> dict:
              f"window; {setup.plan.repeats} alternating rounds, each step's time the fastest of its rounds.",
              f"Uploads: {setup.plan.upload_repeats} alternating round(s), the fastest of each kind.",
              "Upload in another process: the same commits, made by a separate process on the upload CPUs; the "
-             "step time then shows what the machine's shared resources cost (with 2 vCPUs, often two hyperthreads "
-             "of one core), and its ratio to the in-process upload what the trainer's own upload thread costs.",
+             "step time then shows what the machine's shared resources cost (caches and memory bandwidth; on a "
+             "2-vCPU VM sometimes two hyperthreads of one core), and its ratio to the in-process upload what "
+             "the trainer's own upload thread costs.",
              "The upload throughput runs unpinned: the emulator's CPU time counts on both sides."]
     return result(NAME, "Checkpoint uploads: step slowdown and commit throughput", setup, started, figures=figures,
                   measurements={"checkpoint_bytes": size, "steps": steps_series, "throughput": upload_series,
