@@ -63,7 +63,7 @@ class Plan:
     upload_repeats: int
 
 
-QUICK = Plan(repeats=3, warmup_steps=2, timed_steps=6, fixed_length=64, recipe_samples=192, recipe_repeats=2,
+QUICK = Plan(repeats=3, warmup_steps=2, timed_steps=12, fixed_length=64, recipe_samples=192, recipe_repeats=2,
              memory_steps=3, memory_repeats=1, memory_reference=False, accuracy_steps=50, accuracy_seeds=(42,),
              accuracy_eval_samples=200, upload_repeats=3)
 FULL = Plan(repeats=5, warmup_steps=3, timed_steps=20, fixed_length=128, recipe_samples=None, recipe_repeats=1,
