@@ -738,7 +738,8 @@ class GcsStore(Store):
         # The server verifies the crc32c we sent; this also catches a server
         # (or emulator) that accepts a wrong checksum.
         if blob.crc32c != local_crc:
-            raise CorruptObjectError(f"{self.uri(key)} was stored with crc32c {blob.crc32c}, the data sent has {local_crc}")
+            raise CorruptObjectError(f"{self.uri(key)} was stored with crc32c {blob.crc32c}, expected {local_crc} "
+                                     "(changed in transit, or the local file changed)")
         return ObjectInfo(key, blob.size, blob.crc32c, _updated(blob.updated))
 
     def upload_file(
