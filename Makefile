@@ -125,7 +125,7 @@ test: venv-dev ## run the test suite (offline, tiny models, real GCS emulator an
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: venv-dev ## static checks: ruff, shellcheck (.ci scripts), hadolint (Dockerfile)
-	$(PY) -m ruff check trainer tests
+	$(PY) -m ruff check trainer tests benchmarks
 	$(VENV)/bin/shellcheck .ci/run .ci/*.sh
 	$(VENV)/bin/hadolint Dockerfile
 
