@@ -102,15 +102,17 @@ def test_missing_env_file_named_explicitly_is_an_error(tmp_path):
         load_config({}, environ={"ENV_FILE": str(tmp_path / "missing.env")})
 
 
-def test_fp16_without_gpu_is_refused_before_loading():
+def test_fp16_without_gpu_is_refused_before_loading(monkeypatch):
     import torch
 
     from trainer.training import resolve_precision
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: fp16 is allowed")
+    # Both sides on any machine: the answer depends only on whether CUDA is there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="PRECISION='fp16'"):
         resolve_precision("fp16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("fp16") == "fp16"
 
 
 def test_to_env_round_trips_changed_settings():

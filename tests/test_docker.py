@@ -303,7 +303,7 @@ def test_make_help_lists_every_target():
 def linter(name: str) -> str:
     found = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if found is None:
-        pytest.skip(f"{name} is not installed (requirements-dev.txt has it)")
+        pytest.fail(f"{name} is not installed: run `make venv-dev` (requirements-dev.txt has it)")
     return found
 
 
