@@ -103,7 +103,7 @@ def probe(spec: dict) -> None:
     else:
         trainer = multitask_trainer(setup, tasks, cfg)
     trainer.train()
-    checkpoint = cfg.run_dir / f"checkpoint-{steps}"
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{steps}"  # the Trainer's own folder
     weights = checkpoint / "model.safetensors"
     (out / "probe.json").write_text(json.dumps({
         "tasks": [t.name for t in tasks], "steps": trainer.state.global_step,

@@ -145,8 +145,9 @@ def free_thread(make, cpus: list[int] | None):
 def make_checkpoint(setup: Setup, task, work: Path) -> Path:
     """A real Trainer checkpoint of the benchmark model (one step, then save)."""
     cfg = bench_config(setup, [task.name], work, max_steps=1, save_strategy="steps", save_steps=1)
-    multitask_trainer(setup, [task], cfg).train()
-    return cfg.run_dir / "checkpoint-1"
+    trainer = multitask_trainer(setup, [task], cfg)
+    trainer.train()
+    return Path(trainer.args.output_dir) / "checkpoint-1"  # the Trainer's own folder
 
 
 def step_times(setup: Setup, task, checkpoint: Path, work: Path, upload_cpus: list[int] | None = None) -> dict:

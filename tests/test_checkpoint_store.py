@@ -18,14 +18,17 @@ from trainer.checkpoint_store import (
     FileEntry,
     Manifest,
     ManifestError,
+    NotCommitted,
     checkpoint_prefix,
     commit_checkpoint,
     download_checkpoint,
+    install_local,
     latest_valid_checkpoint,
     list_checkpoints,
     list_incomplete,
     prune_checkpoints,
     verify_checkpoint,
+    verify_local,
 )
 from trainer.storage import (
     CorruptObjectError,
@@ -144,7 +147,8 @@ def test_commit_round_trip(store, tmp_path):
     verify_checkpoint(store, manifest)
 
     dest = download_checkpoint(store, manifest, tmp_path / "restore" / "checkpoint-100")
-    assert tree(dest) == FILES
+    assert {k: v for k, v in tree(dest).items() if k != MANIFEST_NAME} == FILES
+    assert verify_local(dest).files == manifest.files  # the copy carries its manifest: verifiable offline
     assert sorted(p.name for p in dest.parent.iterdir()) == ["checkpoint-100"]
 
 
@@ -153,7 +157,8 @@ def test_download_only_a_subset_and_replace_existing(store, tmp_path):
     dest = tmp_path / "restore"
     make_dir(dest, {"stale.txt": b"old"})
     download_checkpoint(store, manifest, dest, only="optimizer/")
-    assert tree(dest) == {"optimizer/state.pt": FILES["optimizer/state.pt"]}
+    assert set(tree(dest)) == {"optimizer/state.pt", MANIFEST_NAME}
+    assert tree(dest)["optimizer/state.pt"] == FILES["optimizer/state.pt"]
     with pytest.raises(ValueError, match="matches"):
         download_checkpoint(store, manifest, dest, only="nothing/")
 
@@ -372,7 +377,7 @@ def test_object_names_leading_outside_the_destination_are_refused(gcs_server, tm
     safe = commit(gcs, tmp_path, 2)
     bucket.blob("ckpt/run/checkpoint-2/../../y").upload_from_string(evil)
     download_checkpoint(gcs, safe, dest)
-    assert tree(dest) == FILES
+    assert {k: v for k, v in tree(dest).items() if k != MANIFEST_NAME} == FILES
     assert prune_checkpoints(gcs, "run", keep=1) == [1]
     assert [o.key for o in gcs.list("run/checkpoint-1/")] == []
 
@@ -408,3 +413,65 @@ def test_commit_survives_a_server_outage(tmp_path, monkeypatch):
         assert len(manifest.files) == 300
         verify_checkpoint(gcs, manifest)
         assert list_checkpoints(gcs, "run") == [manifest]
+
+
+# -- local copies: pull into a user's folder, verify, install ---------------------------------------
+
+
+def test_a_merged_download_writes_only_its_own_files_and_deletes_nothing(store, tmp_path):
+    manifest = commit(store, tmp_path, 1)
+    dest = make_dir(tmp_path / "mine", {"notes.txt": b"keep me", "config.json": b"stale", "data/x.csv": b"1,2"})
+    download_checkpoint(store, manifest, dest, merge=True)
+    files = tree(dest)
+    assert files["notes.txt"] == b"keep me" and files["data/x.csv"] == b"1,2"  # untouched
+    assert {k: files[k] for k in FILES} == FILES  # the checkpoint's own files, written (config.json replaced)
+    assert verify_local(dest).files == manifest.files
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+    # A subfolder only, without its prefix (a task's exported model): the same rules.
+    sub = make_dir(tmp_path / "sub", {"README.md": b"mine"})
+    download_checkpoint(store, manifest, sub, only="optimizer/", strip=True, merge=True)
+    assert tree(sub) == {"README.md": b"mine", "state.pt": FILES["optimizer/state.pt"], MANIFEST_NAME: tree(sub)[MANIFEST_NAME]}
+    assert [f.path for f in verify_local(sub).files] == ["state.pt"]
+
+
+def test_a_merged_download_that_cannot_fit_changes_nothing(store, tmp_path):
+    manifest = commit(store, tmp_path, 1)
+    dest = make_dir(tmp_path / "mine", {"optimizer": b"a file where the checkpoint has a folder"})
+    before = tree(dest)
+    with pytest.raises(ValueError, match="is a file"):
+        download_checkpoint(store, manifest, dest, merge=True)
+    assert tree(dest) == before
+    tamper(store, "run/checkpoint-1/config.json", b"changed")
+    ok = make_dir(tmp_path / "ok", {"keep.txt": b"x"})
+    with pytest.raises(CorruptObjectError):
+        download_checkpoint(store, manifest, ok, merge=True)
+    assert tree(ok) == {"keep.txt": b"x"}
+
+
+def test_verify_local_refuses_a_folder_no_commit_finished(store, tmp_path):
+    manifest = commit(store, tmp_path, 1)
+    with pytest.raises(NotCommitted, match="never committed"):
+        verify_local(make_dir(tmp_path / "copied-by-hand"))
+    dest = download_checkpoint(store, manifest, tmp_path / "copy")
+    (dest / "optimizer" / "state.pt").write_bytes(FILES["optimizer/state.pt"][:10])  # a full disk, say
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        verify_local(dest)
+    (dest / "optimizer" / "state.pt").write_bytes(b"\x02" * len(FILES["optimizer/state.pt"]))
+    with pytest.raises(CorruptObjectError, match="changed"):
+        verify_local(dest)
+    (dest / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(NotCommitted, match="not a valid manifest"):
+        verify_local(dest)
+
+
+def test_install_local_replaces_a_folder_as_a_whole(tmp_path):
+    old = make_dir(tmp_path / "final", {"model.bin": b"old", "extra.txt": b"old only"})
+    manifest_old = Manifest("run", 1, (FileEntry("model.bin", 3, bytes_crc32c(b"old")),), {})
+    install_local(make_dir(tmp_path / "build-old", {"model.bin": b"old"}), old, manifest_old)
+    new = make_dir(tmp_path / "build", {"model.bin": b"new!"})
+    manifest = Manifest("run", 2, (FileEntry("model.bin", 4, bytes_crc32c(b"new!")),), {})
+    install_local(new, tmp_path / "final", manifest)
+    assert not new.exists()
+    assert verify_local(tmp_path / "final").step == 2
+    assert set(tree(tmp_path / "final")) == {"model.bin", MANIFEST_NAME}

@@ -1,16 +1,22 @@
-"""Committed checkpoints end to end, with the real CLI and a real GCS API server (fake-gcs-server):
-crash (kill -9) at five points and resume to identical weights; SIGTERM; an outage of the server
-mid-training; corruption found at resume and at pull; pulling; a bad bucket stopping the run."""
+"""Committed checkpoints end to end, with the real CLI, on the settings users run by default
+(EVAL_STRATEGY=SAVE_STRATEGY=epoch, LOAD_BEST_MODEL_AT_END) and on every strategy combination:
+SIGTERM at a step (and again in the grace period) and kill -9 at every named point, each
+restart reproducing the uninterrupted run's final weights bit for bit; the best checkpoint
+surviving pruning; a rerun of a finished run; a server outage; corruption found at resume and at
+pull; pulling into a folder of one's own; a bad bucket stopping the run."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,22 +31,25 @@ from trainer.storage import open_store
 
 RUN = "ckpt"
 TASKS = "demo_similarity,demo_entailment,demo_choice,demo_tags"
+STEPS_PER_EPOCH = 8  # 16 examples per task, batch 8: 2 batches x 4 tasks
+GRACE = 20.0
+CLI_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def small_tasks(tmp_path_factory) -> Path:
-    # 16 examples per task, batch 8: 8 steps per epoch, so 12 steps cross an epoch boundary.
     return write_tasks_file(tmp_path_factory.mktemp("small-tasks"), n_train=16, n_eval=8)
 
 
-def flags(model: Path, tasks: Path, out: Path, uri: str, **extra) -> list[str]:
+def flags(model: Path, tasks: Path, out: Path, uri: str | None = None, **extra) -> list[str]:
+    """A tiny job on the user's defaults: epoch strategies, LOAD_BEST_MODEL_AT_END, SAVE_TOTAL_LIMIT=3."""
     values = {
         "model_name": model, "model_init": "scratch", "tasks_file": tasks, "tasks": TASKS, "output_dir": out,
-        "run_name": RUN, "checkpoint_uri": uri, "max_steps": 12, "train_batch_size": 8, "eval_batch_size": 8,
-        "learning_rate": 1e-3, "eval_strategy": "no", "load_best_model_at_end": False, "save_strategy": "steps",
-        "save_steps": 3, "save_total_limit": 10, "logging_steps": 3, "seed": 11, "storage_retry_deadline": 30,
-        **extra,
+        "run_name": RUN, "num_train_epochs": 3, "train_batch_size": 8, "eval_batch_size": 8, "learning_rate": 1e-3,
+        "logging_steps": 4, "seed": 11, "storage_retry_deadline": 30, "preemption_grace_seconds": GRACE, **extra,
     }
+    if uri is not None:
+        values["checkpoint_uri"] = uri
     return [f"--{k}={v}" for k, v in values.items()]
 
 
@@ -54,99 +63,85 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_model, small_tasks, tmp_path_factory):
-    """An uninterrupted run to a local store: the weights every resumed run must reproduce."""
-    out = tmp_path_factory.mktemp("baseline")
-    result = run_cli("train", *flags(tiny_model, small_tasks, out, str(out)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return weights(out / RUN)
-
-
 def committed_steps(uri: str) -> list[int]:
     return [m.step for m in cs.list_checkpoints(open_store(uri), RUN)]
 
 
-CRASHES = [
-    # (failpoint, step, committed when it dies, the step the restart resumes from)
-    ("mid_step", 5, [3], 3),
-    ("before_upload", 6, [3], 3),
-    ("mid_upload", 6, [3], 3),
-    ("before_manifest", 9, [3, 6], 6),
-    ("after_manifest", 9, [3, 6, 9], 9),  # step 9 is in the second epoch
-]
+def train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_cli("train", *args, env={**CLI_ENV, **(env or {})})
 
 
-@pytest.mark.parametrize(("point", "step", "committed", "resumes_from"), CRASHES, ids=[c[0] for c in CRASHES])
-def test_kill_9_then_resume_gives_identical_weights(point, step, committed, resumes_from, gcs_server, tiny_model,
-                                                    small_tasks, baseline, tmp_path):
-    uri = f"gs://test-bucket/{point}"
-    crashed = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "vm1", uri),
-                      env={"TRAINER_CRASH_AT": f"{point}:{step}"})
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
-    assert committed_steps(uri) == committed
-    if point in ("mid_upload", "before_manifest"):
-        assert step in cs.list_incomplete(open_store(uri), RUN)  # objects without a manifest: never resumed
-
-    # A restarted worker has a new disk: only the bucket survives.
-    resumed = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "vm2", uri))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(step {resumes_from})" in resumed.stdout + resumed.stderr
-    assert_same_weights(weights(tmp_path / "vm2" / RUN), baseline)
-    assert committed_steps(uri)[-1] == 12
-    assert cs.read_final(open_store(uri), RUN) is not None
+# ------------------------------------------------------------------------------ SIGTERM
+COMBOS = [(e, s) for e in ("epoch", "steps", "no") for s in ("epoch", "steps", "no")]
+TOTAL_STEPS = 3 * STEPS_PER_EPOCH
 
 
-def test_restart_on_the_same_disk_ignores_a_local_uncommitted_checkpoint(gcs_server, tiny_model, small_tasks, baseline, tmp_path):
-    uri = "gs://test-bucket/same-disk"
-    out = tmp_path / "vm"
-    crashed = run_cli("train", *flags(tiny_model, small_tasks, out, uri), env={"TRAINER_CRASH_AT": "before_upload:6"})
-    assert crashed.returncode == -signal.SIGKILL
-    assert (out / RUN / "checkpoint-6" / "model.safetensors").is_file()  # saved locally, never committed
-    resumed = run_cli("train", *flags(tiny_model, small_tasks, out, uri))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "(step 3)" in resumed.stdout + resumed.stderr
-    assert_same_weights(weights(out / RUN), baseline)
+def _stop_steps() -> dict[tuple[str, str], int]:
+    """A stop step per combination: in turn a random step inside an epoch, a random epoch end, the last step."""
+    rng = random.Random(20261201)
+    inside = [s for s in range(1, TOTAL_STEPS) if s % STEPS_PER_EPOCH]
+    kinds = [lambda: rng.choice(inside), lambda: rng.choice([STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]), lambda: TOTAL_STEPS]
+    return {combo: kinds[i % 3]() for i, combo in enumerate(COMBOS)}
 
 
-def test_local_store_resumes_in_place(tiny_model, small_tasks, baseline, tmp_path):
-    out = tmp_path / "local"
-    crashed = run_cli("train", *flags(tiny_model, small_tasks, out, str(out)), env={"TRAINER_CRASH_AT": "mid_step:8"})
-    assert crashed.returncode == -signal.SIGKILL
-    resumed = run_cli("train", *flags(tiny_model, small_tasks, out, str(out)))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "(step 6)" in resumed.stdout + resumed.stderr
-    assert_same_weights(weights(out / RUN), baseline)
+STOP_AT = _stop_steps()
 
 
-def test_corrupted_object_is_skipped_at_resume_and_refused_at_pull(gcs_server, tiny_model, small_tasks, tmp_path):
-    uri = "gs://test-bucket/corrupt"
-    first = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "a", uri, max_steps=6))
-    assert first.returncode == 0, first.stderr[-3000:]
-    # Change the bytes of checkpoint-6's weights in the bucket (same name, different content).
-    client = gcs_server.client()
-    blob = client.bucket("test-bucket").blob(f"corrupt/{RUN}/checkpoint-6/model.safetensors")
-    data = bytearray(blob.download_as_bytes())
-    data[-1] ^= 0xFF
-    blob.upload_from_string(bytes(data))
-
-    pulled = run_cli("pull", "--which=6", f"--dest={tmp_path / 'pulled'}", *flags(tiny_model, small_tasks, tmp_path / "p", uri))
-    assert pulled.returncode == 2
-    assert "model.safetensors" in pulled.stderr and "crc32c" in pulled.stderr
-    assert not (tmp_path / "pulled").exists()
-
-    again = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "b", uri, max_steps=9))
-    assert again.returncode == 0, again.stderr[-3000:]
-    log = again.stdout + again.stderr
-    assert "skipping checkpoint" in log and "checkpoint-6" in log
-    assert "(step 3)" in log
+def combo_flags(combo: tuple[str, str], model, tasks, out) -> list[str]:
+    eval_strategy, save_strategy = combo
+    best = eval_strategy != "no" and eval_strategy == save_strategy  # where LOAD_BEST_MODEL_AT_END is allowed
+    return flags(model, tasks, out, eval_strategy=eval_strategy, save_strategy=save_strategy, eval_steps=5, save_steps=5,
+                 load_best_model_at_end=best, save_total_limit=2)
 
 
-def test_sigterm_commits_a_checkpoint_and_exits_0(gcs_server, tiny_model, small_tasks, tmp_path):
+@pytest.fixture(scope="module")
+def sigterm_runs(tiny_model, small_tasks, tmp_path_factory) -> dict:
+    """For every strategy combination: an uninterrupted run; a run that gets SIGTERM when its stop
+    step ends and a second SIGTERM 1 s later (uploads slowed, so the second one lands while the job
+    waits for its last commit); and its restart. Two combinations at a time (2 cores)."""
+
+    def one(combo):
+        base = tmp_path_factory.mktemp(f"sigterm-{combo[0]}-{combo[1]}")
+        uninterrupted = train(*combo_flags(combo, tiny_model, small_tasks, base / "uninterrupted"))
+        stopped_flags = combo_flags(combo, tiny_model, small_tasks, base / "stopped")
+        stopped = train(*stopped_flags, env={"TRAINER_SIGTERM_AT": f"{STOP_AT[combo]}:1", "TRAINER_SLOW_UPLOADS": "0.15"})
+        ended = time.time()
+        committed = committed_steps(str(base / "stopped"))
+        final_before_restart = (base / "stopped" / RUN / "final").exists()
+        restarted = train(*stopped_flags)
+        return {"uninterrupted": uninterrupted, "stopped": stopped, "ended": ended, "committed": committed,
+                "final_before_restart": final_before_restart, "restarted": restarted, "base": base}
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(COMBOS, pool.map(one, COMBOS)))
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=[f"eval_{e}-save_{s}-stop_at_{STOP_AT[(e, s)]}" for e, s in COMBOS])
+def test_sigterm_then_restart_gives_the_uninterrupted_weights(sigterm_runs, combo):
+    run = sigterm_runs[combo]
+    for name in ("uninterrupted", "stopped", "restarted"):
+        assert run[name].returncode == 0, f"{name}: {run[name].stderr[-3000:]}"
+    log = run["stopped"].stdout + run["stopped"].stderr
+    sent = [float(t) for t in re.findall(r"sending (?:a second )?SIGTERM.*?\(t=([\d.]+)\)", log)]
+    assert len(sent) == 2, log[-3000:]  # both signals arrived while the job still ran
+    assert "SIGTERM again: already stopping" in log
+    assert run["ended"] - sent[0] < GRACE, "did not exit within PREEMPTION_GRACE_SECONDS"
+    assert f"Preempted at step {STOP_AT[combo]}: checkpoint committed" in log
+    assert run["committed"][-1] == STOP_AT[combo]  # committed exactly where it stopped
+    assert log.count(f"checkpoint-{STOP_AT[combo]} committed") == 1  # and once: no second save of that step
+    assert not run["final_before_restart"]  # a preempted run claims no final model
+    restarted = run["restarted"].stdout + run["restarted"].stderr
+    assert f"(step {STOP_AT[combo]})" in restarted
+    assert_same_weights(weights(run["base"] / "stopped" / RUN), weights(run["base"] / "uninterrupted" / RUN))
+    uninterrupted_evals = (run["uninterrupted"].stdout + run["uninterrupted"].stderr).count("'eval_macro_avg'")
+    assert log.count("'eval_macro_avg'") + restarted.count("'eval_macro_avg'") == uninterrupted_evals  # none twice, none skipped
+
+
+def test_sigterm_from_outside_while_training_commits_and_exits_0(gcs_server, tiny_model, small_tasks, tmp_path):
+    """A real SIGTERM from another process (as the platform sends it), at whatever moment it lands."""
     uri = "gs://test-bucket/sigterm"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": ""}
-    cmd = [sys.executable, "-m", "trainer", "train",
-           *flags(tiny_model, small_tasks, tmp_path / "vm", uri, max_steps=100000, save_steps=100000)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", **CLI_ENV}
+    cmd = [sys.executable, "-m", "trainer", "train", *flags(tiny_model, small_tasks, tmp_path / "vm", uri, num_train_epochs=5000)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -162,9 +157,175 @@ def test_sigterm_commits_a_checkpoint_and_exits_0(gcs_server, tiny_model, small_
     log = "".join(lines) + out
     assert proc.returncode == 0, log[-3000:]
     assert "Preempted at step" in log and "checkpoint committed" in log
-    steps = committed_steps(uri)
-    assert len(steps) == 1 and steps[0] >= 3
+    stopped_at = int(re.search(r"Preempted at step (\d+)", log).group(1))
+    assert committed_steps(uri)[-1] == stopped_at
     assert cs.read_final(open_store(uri), RUN) is None  # stopped early: no final model claimed
+
+
+# ------------------------------------------------------------------------------ kill -9
+# On the defaults, with pruning (SAVE_TOTAL_LIMIT=1) and a best checkpoint that is not the last:
+# epoch 2 of 4 is the best at this seed and learning rate (checked by the test).
+CRASH_SETTINGS = {"num_train_epochs": 4, "learning_rate": 3e-3, "seed": 5, "save_total_limit": 1}
+BEST_STEP, LAST_STEP = 2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH
+CRASHES = [
+    # (failpoint, step, the step the restart resumes from)
+    ("mid_step", 11, 8),
+    ("before_upload", 16, 8),
+    ("mid_upload", 16, 8),
+    ("before_manifest", 24, 16),
+    ("after_manifest", 24, 24),
+    ("mid_export", LAST_STEP, LAST_STEP),
+    ("mid_final_upload", LAST_STEP, LAST_STEP),
+    ("before_final_manifest", LAST_STEP, LAST_STEP),
+]
+
+
+@pytest.fixture(scope="module")
+def crash_baseline(tiny_model, small_tasks, tmp_path_factory):
+    """An uninterrupted run on the defaults: the final (best) weights every restart must reproduce."""
+    out = tmp_path_factory.mktemp("crash-baseline")
+    done = train(*flags(tiny_model, small_tasks, out, **CRASH_SETTINGS))
+    assert done.returncode == 0, done.stderr[-3000:]
+    macro = [float(v) for v in re.findall(r"'eval_macro_avg': '([\d.]+)'", done.stdout)][:4]
+    assert max(range(4), key=lambda i: macro[i]) == 1, f"epoch 2 must be the best for this test: {macro}"
+    assert committed_steps(str(out)) == [BEST_STEP, LAST_STEP]  # the best survived SAVE_TOTAL_LIMIT=1
+    return weights(out / RUN)
+
+
+@pytest.fixture(scope="module")
+def crash_runs(tiny_model, small_tasks, tmp_path_factory) -> dict:
+    """Each crash point: a run killed there, then its restart on a new disk; two at a time."""
+    server = fake_gcs_server()
+    gcs = server.__enter__()
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs.url  # for this module's store reads
+    gcs.client().create_bucket("crashes")
+
+    def one(crash):
+        point, step, _ = crash
+        base = tmp_path_factory.mktemp(f"crash-{point}")
+        uri = f"gs://crashes/{point}"
+        env = {"STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_CLOUD_PROJECT": "test"}
+        crashed = train(*flags(tiny_model, small_tasks, base / "vm1", uri, **CRASH_SETTINGS),
+                        env={**env, "TRAINER_CRASH_AT": f"{point}:{step}"})
+        incomplete = cs.list_incomplete(open_store(uri), RUN)
+        restarted = train(*flags(tiny_model, small_tasks, base / "vm2", uri, **CRASH_SETTINGS), env=env)
+        return {"crashed": crashed, "restarted": restarted, "base": base, "uri": uri, "incomplete": incomplete}
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            yield dict(zip([c[0] for c in CRASHES], pool.map(one, CRASHES)))
+    finally:
+        server.__exit__(None, None, None)
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+
+
+@pytest.mark.parametrize(("point", "step", "resumes_from"), CRASHES, ids=[c[0] for c in CRASHES])
+def test_kill_9_then_restart_on_a_new_disk_gives_the_uninterrupted_final_model(crash_runs, crash_baseline, point, step,
+                                                                               resumes_from):
+    run = crash_runs[point]
+    assert run["crashed"].returncode == -signal.SIGKILL, run["crashed"].stderr[-3000:]
+    if point in ("mid_upload", "before_manifest"):
+        assert step in run["incomplete"]  # objects without a manifest: never resumed
+    assert run["restarted"].returncode == 0, run["restarted"].stderr[-3000:]
+    assert f"(step {resumes_from})" in run["restarted"].stdout + run["restarted"].stderr
+    assert_same_weights(weights(run["base"] / "vm2" / RUN), crash_baseline)
+    assert committed_steps(run["uri"]) == [BEST_STEP, LAST_STEP]  # the best survived pruning, also after a resume
+    assert cs.verify_local(run["base"] / "vm2" / RUN / "final").step == LAST_STEP
+
+
+def test_pull_best_returns_the_checkpoint_with_the_best_macro_average(crash_runs, tmp_path):
+    run = crash_runs["before_manifest"]  # resumed at step 16, the best, on a new disk
+    dest = tmp_path / "best"
+    pulled = run_cli("pull", "--which=best", f"--dest={dest}", f"--checkpoint_uri={run['uri']}", f"--run_name={RUN}",
+                     env={"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]})
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert json.loads((dest / "trainer_state.json").read_text())["global_step"] == BEST_STEP
+    listed = run_cli("pull", "--list", f"--checkpoint_uri={run['uri']}", f"--run_name={RUN}",
+                     env={"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]})
+    assert re.search(rf"checkpoint-{BEST_STEP}\s.*best", listed.stdout), listed.stdout
+
+
+# ------------------------------------------------------------------------------ reruns and run identity
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, small_tasks, tmp_path_factory):
+    """A run trained to its end in the default local store (OUTPUT_DIR), and how to make its flags."""
+    out = tmp_path_factory.mktemp("finished")
+    done = train(*flags(tiny_model, small_tasks, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, lambda **changes: flags(tiny_model, small_tasks, out, **changes)
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_its_final_still_verifies(finished_run):
+    out, make_flags = finished_run
+    args = make_flags()
+    final = out / RUN / "final"
+    before = {p: p.stat().st_mtime_ns for p in final.rglob("*")}
+    again = train(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished at step 24" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in final.rglob("*")} == before
+    cs.verify_local(final)
+    listed = run_cli("pull", "--list", *args)
+    assert "final" in listed.stdout
+    pulled = run_cli("pull", "--which=final", f"--dest={out / 'pulled-final'}", *args)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+
+
+def test_another_learning_rate_under_the_same_run_name_is_refused(finished_run):
+    out, make_flags = finished_run
+    other = train(*make_flags(learning_rate=0.01))
+    assert other.returncode == 2
+    line = other.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("error: ")
+    assert "LEARNING_RATE=0.001 (now 0.01)" in line and "set another RUN_NAME" in line
+    never = train(*make_flags(resume="never"))
+    assert never.returncode == 2 and "RESUME=never" in never.stderr and "would overwrite" in never.stderr
+    cs.verify_local(out / RUN / "final")
+
+
+def test_a_longer_run_resumes_a_finished_one(finished_run):
+    out, make_flags = finished_run
+    longer = train(*make_flags(num_train_epochs=4))
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "(step 24)" in longer.stdout + longer.stderr
+    assert cs.verify_local(out / RUN / "final").step == 32
+
+
+def test_changed_training_data_under_the_same_run_name_is_refused(tiny_model, tmp_path):
+    tasks = write_tasks_file(tmp_path / "tasks", n_train=16, n_eval=8)
+    args = flags(tiny_model, tasks, tmp_path / "out", num_train_epochs=1)
+    assert train(*args).returncode == 0
+    data = tmp_path / "tasks" / "data" / "demo_entailment_train.csv"
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[:-1]))  # one example fewer
+    again = train(*args, "--num_train_epochs=2")
+    assert again.returncode == 2
+    assert "the training data of task 'demo_entailment': 16 examples (now 15)" in again.stderr
+
+
+# ------------------------------------------------------------------------------ the store misbehaving
+def test_corrupted_object_is_skipped_at_resume_and_refused_at_pull(gcs_server, tiny_model, small_tasks, tmp_path):
+    uri = "gs://test-bucket/corrupt"
+    args = dict(eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3, save_total_limit=10)
+    first = train(*flags(tiny_model, small_tasks, tmp_path / "a", uri, max_steps=6, **args))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Change the bytes of checkpoint-6's weights in the bucket (same name, different content).
+    client = gcs_server.client()
+    blob = client.bucket("test-bucket").blob(f"corrupt/{RUN}/checkpoint-6/model.safetensors")
+    data = bytearray(blob.download_as_bytes())
+    data[-1] ^= 0xFF
+    blob.upload_from_string(bytes(data))
+
+    pulled = run_cli("pull", "--which=6", f"--dest={tmp_path / 'pulled'}", *flags(tiny_model, small_tasks, tmp_path / "p", uri))
+    assert pulled.returncode == 2
+    assert "model.safetensors" in pulled.stderr and "crc32c" in pulled.stderr
+    assert not (tmp_path / "pulled").exists()
+
+    again = train(*flags(tiny_model, small_tasks, tmp_path / "b", uri, max_steps=9, **args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "skipping checkpoint" in log and "checkpoint-6" in log
+    assert "(step 3)" in log
 
 
 def test_outage_mid_training_loses_no_checkpoint(tiny_model, small_tasks, tmp_path, monkeypatch):
@@ -172,9 +333,10 @@ def test_outage_mid_training_loses_no_checkpoint(tiny_model, small_tasks, tmp_pa
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
         server.client().create_bucket("outage")
         uri = "gs://outage/run"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "trainer", "train", *flags(tiny_model, small_tasks, tmp_path / "vm", uri,
-                                                                  max_steps=24, save_steps=2)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", **CLI_ENV}
+        cmd = [sys.executable, "-m", "trainer", "train",
+               *flags(tiny_model, small_tasks, tmp_path / "vm", uri, max_steps=24, eval_strategy="no",
+                      load_best_model_at_end=False, save_strategy="steps", save_steps=2, save_total_limit=20)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
         for line in proc.stdout:
@@ -193,25 +355,36 @@ def test_outage_mid_training_loses_no_checkpoint(tiny_model, small_tasks, tmp_pa
         assert cs.read_final(store, RUN) is not None
 
 
-def test_pull_lists_and_downloads_a_task_model_ready_for_from_pretrained(gcs_server, tiny_model, small_tasks, tmp_path):
+# ------------------------------------------------------------------------------ pull
+def test_pull_lists_and_downloads_into_a_users_folder_without_touching_its_files(gcs_server, tiny_model, small_tasks, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     uri = "gs://test-bucket/pull"
-    args = flags(tiny_model, small_tasks, tmp_path / "vm", uri, max_steps=6)
-    assert run_cli("train", *args).returncode == 0
+    args = flags(tiny_model, small_tasks, tmp_path / "vm", uri, num_train_epochs=1)
+    assert train(*args).returncode == 0
     listed = run_cli("pull", "--list", *args)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    assert "checkpoint-3" in listed.stdout and "checkpoint-6" in listed.stdout and "final" in listed.stdout
+    assert "checkpoint-8" in listed.stdout and "final" in listed.stdout
 
-    dest = tmp_path / "model"
-    pulled = run_cli("pull", "--task=demo_entailment", f"--dest={dest}", *args)
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    (mine / "data").mkdir()
+    (mine / "data" / "train.csv").write_text("a,b\n")
+    pulled = run_cli("pull", "--task=demo_entailment", f"--dest={mine}", *args, cwd=tmp_path)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
-    model = AutoModelForSequenceClassification.from_pretrained(dest)
+    assert (mine / "notes.md").read_text() == "my notes" and (mine / "data" / "train.csv").read_text() == "a,b\n"
+    model = AutoModelForSequenceClassification.from_pretrained(mine)
     assert model.config.id2label == {0: "entailment", 1: "not_entailment"}
 
-    latest = run_cli("pull", f"--dest={tmp_path / 'latest'}", *args)
-    assert latest.returncode == 0
-    assert json.loads((tmp_path / "latest" / "trainer_state.json").read_text())["global_step"] == 6
+    here = tmp_path / "cwd"
+    here.mkdir()
+    (here / "keep.txt").write_text("x")
+    latest = run_cli("pull", "--dest=.", *args, cwd=here)
+    assert latest.returncode == 0, latest.stderr[-2000:]
+    assert (here / "keep.txt").read_text() == "x"
+    assert json.loads((here / "trainer_state.json").read_text())["global_step"] == 8
+    cs.verify_local(here)  # the pulled copy carries its manifest
 
 
 def test_pull_refuses_object_names_outside_the_destination(gcs_server, tmp_path):
@@ -234,14 +407,15 @@ def test_pull_refuses_object_names_outside_the_destination(gcs_server, tmp_path)
     assert not dest.exists() and not (tmp_path / "a" / "x").exists() and not (tmp_path / "x").exists()
 
 
+# ------------------------------------------------------------------------------ the bucket
 def test_unreachable_or_missing_bucket_stops_before_training(gcs_server, tiny_model, small_tasks, tmp_path):
-    missing = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "o", "gs://no-such-bucket/x"))
+    missing = train(*flags(tiny_model, small_tasks, tmp_path / "o", "gs://no-such-bucket/x"))
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: bucket gs://no-such-bucket does not exist: create it with `make create-bucket`")
     assert "Tokenizing" not in missing.stdout and not (tmp_path / "o").exists()
 
-    closed = run_cli("train", *flags(tiny_model, small_tasks, tmp_path / "o2", "gs://test-bucket/x", storage_retry_deadline=2),
-                     env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
+    closed = train(*flags(tiny_model, small_tasks, tmp_path / "o2", "gs://test-bucket/x", storage_retry_deadline=2),
+                   env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
     assert closed.returncode == 2
     assert closed.stderr.startswith("error: ") and closed.stderr.strip().count("\n") == 0
     assert not (tmp_path / "o2").exists()

@@ -18,6 +18,8 @@ A leaf module: it imports only `trainer.storage` and the standard library.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -36,6 +38,7 @@ from trainer.storage import (
     CorruptObjectError,
     NotFound,
     PreconditionFailed,
+    StorageError,
     Store,
     UnsafeObjectName,
     file_crc32c,
@@ -228,12 +231,14 @@ def commit_checkpoint(
     *,
     metadata: Mapping[str, Any],
     max_workers: int = DEFAULT_WORKERS,
+    before_manifest: Callable[[], None] | None = None,
 ) -> Manifest:
     """Upload every file under ``local_dir`` and commit them as ``<run>/checkpoint-<step>``.
 
     Files are uploaded create-only with their crc32c, up to ``max_workers`` at
     a time; MANIFEST.json (``metadata`` included) is written create-only only
-    after all of them succeeded. Safe to call again after a crash: objects
+    after all of them succeeded and ``before_manifest`` (the writer's fencing
+    check: it raises when this process may no longer write) returned. Safe to call again after a crash: objects
     left by an earlier attempt are kept if identical, else replaced, and
     objects not in the folder are removed. If the step is already committed
     with the same files, that manifest is returned; if it is committed with
@@ -279,6 +284,8 @@ def commit_checkpoint(
         del existing[MANIFEST_NAME]
 
     _upload_missing(store, prefix, files, existing, max_workers)
+    if before_manifest is not None:
+        before_manifest()
     try:
         store.write_bytes(_manifest_key(run, step), manifest_bytes, create_only=True)
     except PreconditionFailed:
@@ -316,6 +323,7 @@ def commit_final(
     *,
     metadata: Mapping[str, Any],
     max_workers: int = DEFAULT_WORKERS,
+    before_manifest: Callable[[], None] | None = None,
 ) -> Manifest:
     """Commit the finished run's model, exports and metrics as ``<run>/final``.
 
@@ -336,6 +344,8 @@ def commit_final(
     store.delete(f"{prefix}/{MANIFEST_NAME}")
     existing = {o.key[len(prefix) + 1 :]: o for o in store.list(prefix + "/")}
     _upload_missing(store, prefix, files, existing, max_workers)
+    if before_manifest is not None:
+        before_manifest()
     store.write_bytes(f"{prefix}/{MANIFEST_NAME}", manifest_bytes, create_only=True)
     logger.info("committed %s (%d files)", store.uri(prefix), len(files))
     return manifest
@@ -492,28 +502,47 @@ def download_checkpoint(
     dest_dir: str | os.PathLike[str],
     *,
     only: str | None = None,
+    strip: bool = False,
+    merge: bool = False,
+    write_manifest: bool = True,
     max_workers: int = DEFAULT_WORKERS,
 ) -> Path:
     """Download the checkpoint's files (those whose path starts with ``only``,
-    if given) into ``dest_dir`` and return it.
+    if given; with ``strip``, placed without that prefix) into ``dest_dir``
+    and return it.
 
     Files go into a temporary folder next to ``dest_dir``, each verified
-    against the manifest's size and crc32c, and the folder is renamed into
-    place at the end, so ``dest_dir`` never holds a partial download. An
-    existing ``dest_dir`` is replaced; on failure it is left untouched.
+    against the manifest's size and crc32c, so nothing reaches ``dest_dir``
+    unless every file arrived intact; on failure ``dest_dir`` is untouched.
     Every path is checked with `safe_local_path` before anything is written.
 
+    Without ``merge`` (a folder this job owns, e.g. its working copy of the
+    checkpoint it resumes) an existing ``dest_dir`` is replaced by the
+    download as a whole, with the manifest unless ``write_manifest`` is
+    false (a working copy that will be changed). With ``merge`` (a user's folder: `pull --dest`) only
+    the checkpoint's own files are written into it, and a MANIFEST.json
+    listing them, written last, makes the folder a committed copy that
+    `verify_local` checks; nothing else in the folder is deleted or changed.
+
     Raises UnsafeObjectName, CorruptObjectError, NotFound for a missing
-    object, ValueError if ``only`` matches no file, StorageError.
+    object, ValueError if ``only`` matches no file or a downloaded path
+    would replace a folder (or need one where a file is), StorageError.
     """
     dest = Path(dest_dir).absolute()
     entries = [e for e in manifest.files if only is None or e.path.startswith(only)]
     if not entries:
         raise ValueError(f"no file of {store.uri(manifest.prefix)} matches only={only!r}")
+
+    def local_name(entry: FileEntry) -> str:
+        return entry.path[len(only):] if strip and only else entry.path
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial-"))
     try:
-        targets = [(entry, safe_local_path(staging, entry.path)) for entry in entries]
+        targets = [(entry, safe_local_path(staging, local_name(entry))) for entry in entries]
+        if merge:
+            for entry in entries:  # refuse before anything is written, never half-way through
+                _check_merge_target(dest, local_name(entry))
 
         def fetch(entry: FileEntry, target: Path) -> None:
             store.download_file(
@@ -524,17 +553,119 @@ def download_checkpoint(
             )
 
         _run_parallel([lambda e=e, t=t: fetch(e, t) for e, t in targets], max_workers)
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex}"
-            os.rename(dest, old)
-            os.rename(staging, dest)
-            shutil.rmtree(old, ignore_errors=True)
+        rebased = dataclasses.replace(manifest, files=tuple(dataclasses.replace(e, path=local_name(e)) for e in entries))
+        if merge:
+            _merge_into(staging, dest, rebased)
         else:
-            os.rename(staging, dest)
+            if write_manifest:
+                write_local_manifest(staging, rebased)
+            if dest.exists():
+                old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex}"
+                os.rename(dest, old)
+                os.rename(staging, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(staging, ignore_errors=True)
     logger.info("downloaded %s to %s", store.uri(manifest.prefix), dest)
+    return dest
+
+
+def _check_merge_target(dest: Path, rel: str) -> None:
+    """Raise ValueError if writing ``rel`` under ``dest`` would replace a folder or need a folder where a file is."""
+    target = safe_local_path(dest, rel)
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder, but the checkpoint has a file of that name: choose another --dest")
+    parent = target.parent
+    while parent != dest and not parent.exists():
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{parent} is a file, but the checkpoint needs a folder there: choose another --dest")
+
+
+def _merge_into(staging: Path, dest: Path, manifest: Manifest) -> None:
+    """Move the verified files from ``staging`` into ``dest``; its MANIFEST.json goes first and comes back last."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (dest / MANIFEST_NAME).unlink()  # a half-merged folder must not look committed
+    for entry in manifest.files:
+        target = safe_local_path(dest, entry.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(safe_local_path(staging, entry.path), target)
+    write_local_manifest(dest, manifest)
+
+
+# --------------------------------------------------------------------------
+# Local copies: committed folders on this machine's disk
+# --------------------------------------------------------------------------
+
+
+class NotCommitted(StorageError):
+    """A local model folder that no commit finished: no MANIFEST.json, or one that does not parse."""
+
+
+def write_local_manifest(folder: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Write ``manifest`` as ``folder/MANIFEST.json`` atomically (temporary name, then rename)."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def read_local_manifest(folder: str | os.PathLike[str]) -> Manifest:
+    """The MANIFEST.json of a local folder. Raises NotCommitted when it is missing or broken."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        return Manifest.from_json(path.read_bytes())
+    except FileNotFoundError:
+        raise NotCommitted(f"{folder} has no {MANIFEST_NAME}: it was never committed (an interrupted run or copy)") from None
+    except ManifestError as e:
+        raise NotCommitted(f"{path} is not a valid manifest ({e})") from None
+
+
+def verify_local(folder: str | os.PathLike[str]) -> Manifest:
+    """Check that a local folder is a complete committed copy: every file its MANIFEST.json
+    lists is there with that size and crc32c (other files are ignored). Returns the manifest.
+
+    Raises NotCommitted (no or broken manifest), CorruptObjectError naming the first missing,
+    truncated or changed file, UnsafeObjectName for a listed path leading outside the folder.
+    """
+    manifest = read_local_manifest(folder)
+    for entry in manifest.files:
+        path = safe_local_path(folder, entry.path)
+        if not path.is_file():
+            raise CorruptObjectError(f"{path} is listed in {Path(folder) / MANIFEST_NAME} but missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise CorruptObjectError(f"{path} has {size} bytes, but the manifest says {entry.size} (truncated or changed)")
+        crc = file_crc32c(path)
+        if crc != entry.crc32c:
+            raise CorruptObjectError(f"{path} has crc32c {crc}, but the manifest says {entry.crc32c} (changed after the commit)")
+    return manifest
+
+
+def install_local(src: str | os.PathLike[str], dest: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Put the committed folder ``src`` at ``dest`` (same file system) with its manifest, written last.
+
+    An earlier ``dest`` loses its manifest first and is replaced as a whole, so at no point
+    does a mix of old and new files look committed.
+    """
+    src, dest = Path(src), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dest.exists():
+        with contextlib.suppress(FileNotFoundError):
+            (dest / MANIFEST_NAME).unlink()
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex}"
+        os.rename(dest, old)
+    os.rename(src, dest)
+    write_local_manifest(dest, manifest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

@@ -7,6 +7,7 @@ default .env). A bad setting or bad task data stops the command with exit code 2
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import fire
@@ -147,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         fire.Fire(Commands(), command=argv, name="trainer")
     except (ConfigError, TaskError, StorageError, ResumeError, LaunchError, CloudConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}: free space on that disk or point OUTPUT_DIR at a bigger one; "
+              "committed checkpoints are kept and the next start resumes from the newest", file=sys.stderr)
         return 2
     except (CloudApiError, CloudJobFailed, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -109,6 +109,8 @@ class Config:
     resume: str = _setting("auto", "auto: resume the newest committed checkpoint of this run; never; or a checkpoint URI", "checkpoints")
     preemption_grace_seconds: float = _setting(25.0, "on SIGTERM, seconds to save, commit and exit 0 (Spot VMs get 30)", "checkpoints")
     storage_retry_deadline: float = _setting(300.0, "seconds the storage client keeps retrying a failing request", "checkpoints")
+    run_lease_seconds: float = _setting(
+        60.0, "one job writes a run: another may take it over once its lease went this long unrefreshed", "checkpoints")
 
     # --- cloud (Vertex AI custom job; read by `submit` and the Makefile only) ---
     project_id: str | None = _setting(None, "Google Cloud project id", "cloud")
@@ -397,6 +399,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.resume in RESUME_MODES or "/" in cfg.resume, "resume", cfg.resume, "auto, never, or a checkpoint URI")
     _check(cfg.preemption_grace_seconds > 0, "preemption_grace_seconds", cfg.preemption_grace_seconds, "a number of seconds > 0")
     _check(cfg.storage_retry_deadline > 0, "storage_retry_deadline", cfg.storage_retry_deadline, "a number of seconds > 0")
+    _check(cfg.run_lease_seconds >= 4, "run_lease_seconds", cfg.run_lease_seconds, "a number of seconds >= 4")
     for name in ("accelerator_count", "replica_count", "boot_disk_size_gb"):
         _check(getattr(cfg, name) >= 0 if name == "accelerator_count" else getattr(cfg, name) >= 1,
                name, getattr(cfg, name), "a non-negative integer" if name == "accelerator_count" else "an integer >= 1")

@@ -4,6 +4,7 @@ config → logging → seed → tasks and data → tokenizer → model → Train
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,15 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .checkpoint_store import CheckpointError
 from .config import Config
 from .data import TaskData, file_loader_args, load_task, make_collator, tokenize
 from .model import MULTITASK_FILE, MultitaskModel, load_encoder
 from .platform import export_to_model_dir, platform_callbacks
+from .storage import StorageError
 from .tasks import TaskError, TaskSpec, resolve_tasks
 from .training import (
     MACRO_METRIC,
     MultitaskTrainer,
+    NonFiniteLoss,
     build_training_args,
     chance_scores,
     decode,
@@ -107,81 +111,235 @@ def open_checkpoint_store(cfg: Config, *, check: bool = True):
     return store
 
 
+def check_output_dir(cfg: Config) -> None:
+    """Raises ConfigError unless OUTPUT_DIR can be written (or created), before anything is loaded."""
+    from .config import ConfigError
+
+    path = Path(cfg.output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not a writable folder" if existing == path else f"cannot be created in {existing} (not writable)"
+        raise ConfigError(f"OUTPUT_DIR={cfg.output_dir!r} {where}: fix its permissions or set OUTPUT_DIR to a writable folder")
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train all tasks together, evaluate, save the final model, export each task, write metrics.json.
 
     Every save is committed to the checkpoint store in the background; on start the newest
-    committed checkpoint of the run is resumed; SIGTERM saves, commits and stops.
+    committed checkpoint of the run is resumed; SIGTERM saves, commits and stops (exit 0).
 
     Raises:
-        ConfigError, TaskError, StorageError: bad settings, data or bucket, before any training.
+        ConfigError, TaskError, StorageError, ResumeError: bad settings, data, bucket or checkpoint,
+            before any training; LeaseHeld when another job trains the run.
+        NonFiniteLoss: a training loss was NaN or infinite (the committed checkpoints are kept).
         CheckpointError: a checkpoint could not be committed (the job should be retried).
     """
-    from transformers import set_seed
-
-    from .checkpointing import CheckpointSync, PreemptionHandler, check_sampler, sampler_identity
+    from .checkpointing import PreemptionHandler
 
     setup_logging()
     precision = resolve_precision(cfg.precision)
     specs = resolve_tasks(cfg)
-    run = cfg.resolved_run_name
-    logger.info("Run %s: %s on %s (config %s)", run, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
+    logger.info("Run %s: %s on %s (config %s)", cfg.resolved_run_name, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
+    check_output_dir(cfg)
     store = open_checkpoint_store(cfg)
-    specs, raw = prepare_tasks(cfg, specs, need_train=True)
-    set_seed(cfg.seed)
-
-    tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
-    tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
-    model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
-
-    tensorboard = cfg.report_to == "tensorboard" or bool(os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
-    if tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
-    trainer = MultitaskTrainer(
-        model=model, args=build_training_args(cfg, precision=precision, tensorboard=tensorboard), tasks=tasks, cfg=cfg,
-        processing_class=tokenizer,
-    )
-    for callback in platform_callbacks(cfg.run_dir, MACRO_METRIC):
-        trainer.add_callback(callback)
-    sampler = trainer.make_batch_sampler()
-    identity = sampler_identity(sampler.sizes, sampler.batch_sizes, cfg)
-    sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), sampler_state=lambda: identity, keep=cfg.save_total_limit)
     preemption = PreemptionHandler()
-    trainer.add_callback(sync)
-    trainer.add_callback(preemption)
-
-    resume_from = _resume_point(cfg, store, trainer)
-    if resume_from is not None:
-        check_sampler(resume_from, identity)
-    preemption.install()
+    preemption.install()  # until the last commit: a SIGTERM in the grace period changes nothing
     try:
-        train_result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        return _train(cfg, precision, specs, store, preemption)
     finally:
         preemption.uninstall()
 
-    if preemption.stopped:
-        done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
-        logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
-                       trainer.state.global_step, "checkpoint committed" if done else "the last commit did not finish in time")
-        return {"run": run, "preempted": True, "step": trainer.state.global_step}
 
-    final_dir = cfg.run_dir / "final"
-    trainer.save_model(str(final_dir))  # the final (or best, with LOAD_BEST_MODEL_AT_END) model
+def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption) -> dict[str, Any]:
+    from transformers import set_seed
+
+    from .checkpointing import CheckpointSync, work_dir
+    from .lease import LocalRunLock, RunLease
+
+    run = cfg.resolved_run_name
+    tensorboard = cfg.report_to == "tensorboard" or bool(os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
+    if tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
+    args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
+    # Bad data stops the job before it writes anything; the node's main process reads first, and
+    # the others then read the datasets cache instead of all reading (and tokenizing) at once.
+    with args.main_process_first(local=True, desc="loading the data"):
+        specs, raw = prepare_tasks(cfg, specs, need_train=True)
+    lock = lease = None
+    if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
+        lock = LocalRunLock(cfg.run_dir)
+        lock.acquire()
+    try:
+        if lock is not None:
+            lease = RunLease(store, run, seconds=cfg.run_lease_seconds)
+            lease.acquire()
+        try:
+            with args.main_process_first(local=True, desc="tokenizing the data"):
+                tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
+                tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
+            set_seed(cfg.seed)
+            model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
+            trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
+            identity = _identity(cfg, precision, trainer)
+            plan = _shared_resume_plan(cfg, store, trainer, identity)
+            if plan.finished is not None:
+                return _already_finished(cfg, store, plan.finished, trainer)
+
+            sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), identity=identity, keep=cfg.save_total_limit,
+                                  guard=lease.check if lease else None, writer=lease.owner.id if lease else None)
+            for callback in [*faults.callbacks(lambda: sync.committer and sync.committer.wait()),
+                             *platform_callbacks(cfg.run_dir, MACRO_METRIC), preemption, sync]:
+                trainer.add_callback(callback)  # `sync` last: it sees every other callback's decision
+            if preemption.agreed():
+                logger.warning("Preempted before training started: nothing to save; exiting 0 so the job restarts.")
+                return {"run": run, "preempted": True, "step": 0}
+            try:
+                train_result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            except NonFiniteLoss as e:
+                sync.finish()
+                kept = sync.committer.committed[-1] if sync.committer and sync.committer.committed else None
+                raise NonFiniteLoss(f"{e}. Training stopped; " + (
+                    f"the last committed checkpoint (step {kept}) is kept" if kept is not None else
+                    "no checkpoint was committed before it")) from None
+            if sync.fenced is not None:
+                sync.finish(timeout=0)
+                raise sync.fenced
+            if preemption.stopped:
+                done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
+                logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
+                               trainer.state.global_step,
+                               "checkpoint committed" if done else "the last commit did not finish in time")
+                return {"run": run, "preempted": True, "step": trainer.state.global_step}
+            return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir))
+        finally:
+            if lease is not None:
+                lease.release()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
+    import hashlib
+
+    from .checkpointing import data_fingerprint, run_identity
+    from .data import example_lengths
+
+    sampler = trainer.make_batch_sampler()
+    tasks = []
+    for task, batch_size in zip(trainer.tasks, sampler.batch_sizes):
+        declaration = {k: v for k, v in task.spec.to_dict().items() if k not in ("files", "hub", "hub_config", "splits", "metrics")}
+        tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
+                      "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
+                      "data": data_fingerprint(example_lengths(task.train), task.train["labels"])})
+    return run_identity(cfg, precision=precision, world_size=trainer.args.world_size,
+                        drop_last=trainer.args.dataloader_drop_last, tasks=tasks)
+
+
+def _shared_resume_plan(cfg: Config, store, trainer, identity: dict[str, Any]):
+    """The resume plan, made by one process per node (which downloads what it resumes into the
+    node's scratch folder) and read by the node's other processes."""
+    from .checkpoint_store import Manifest
+    from .checkpointing import ResumePlan, plan_resume, work_dir
+
+    work = work_dir(cfg.run_dir)
+    marker = work / ".resume-plan.json"  # written after `plan_resume` empties the folder
+    args = trainer.args
+    with args.main_process_first(local=True, desc="finding the checkpoint to resume"):
+        if args.local_process_index == 0:
+            marker.unlink(missing_ok=True)
+            plan = plan_resume(store, cfg.resolved_run_name, cfg.resume, work, identity=identity,
+                               planned_steps=trainer.planned_steps())
+            marker.write_text(json.dumps({"checkpoint": str(plan.checkpoint or ""),
+                                          "finished": plan.finished.to_json() if plan.finished else None}))
+            return plan
+        if not marker.is_file():
+            raise CheckpointError("the node's main process could not prepare the resume: see its error")
+        shared = json.loads(marker.read_text())
+    finished = Manifest.from_json(shared["finished"]) if shared["finished"] else None
+    if finished is not None:
+        finished = dataclasses.replace(finished, folder="final")
+    return ResumePlan(checkpoint=Path(shared["checkpoint"]) if shared["checkpoint"] else None, finished=finished)
+
+
+def _already_finished(cfg: Config, store, final, trainer) -> dict[str, Any]:
+    """A rerun (or a restart after the final commit) of a finished run: nothing to train or rewrite."""
+    from .checkpoint_store import download_checkpoint, verify_local
+
+    run = cfg.resolved_run_name
+    logger.info("Run %s already finished at step %d: its final model is committed at %s. Nothing to do "
+                "(raise MAX_STEPS or NUM_TRAIN_EPOCHS to train further, or set another RUN_NAME for a new run).",
+                run, final.step, store.uri(final.prefix))
+    if trainer.args.should_save:
+        local = cfg.run_dir / "final"
+        try:
+            verify_local(local)
+        except StorageError:  # missing on this disk (a new machine) or damaged: the committed copy
+            download_checkpoint(store, final, local)
+            logger.info("Downloaded the final model to %s", local)
+        if (local / "metrics.json").is_file():
+            shutil.copyfile(local / "metrics.json", cfg.run_dir / "metrics.json")
+        export_to_model_dir(local / "export")
+    return {"run": run, "finished": True, "step": final.step}
+
+
+def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer, train_result, work: Path) -> dict[str, Any]:
+    """Save the final (or best) model, evaluate, export, commit it as `<run>/final`, and put the
+    committed copy at OUTPUT_DIR/<run>/final. It is built in the scratch folder, so a crash at
+    any point leaves the committed final model, if any, as it was."""
+    from . import checkpoint_store
+
+    run = cfg.resolved_run_name
+    if not sync.finish():  # the last checkpoint first: a crash from here on resumes at the end of training
+        failed = ", ".join(f"checkpoint-{s}" for s, _ in (sync.committer.failed if sync.committer else []))
+        raise CheckpointError(f"checkpoints were not committed to {store.uri()}: {failed}; see the log above")
+    building = work / "final"
+    shutil.rmtree(building, ignore_errors=True)
+    trainer.save_model(str(building))  # the final (or best, with LOAD_BEST_MODEL_AT_END) model
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    bad = [name for name, p in model.named_parameters() if not bool(p.isfinite().all())]
+    if bad:
+        raise NonFiniteLoss(f"the final weights are not finite ({bad[0]} and {len(bad) - 1} more): nothing was committed "
+                            "as the final model; lower LEARNING_RATE or use PRECISION=fp32")
 
     results: dict[str, Any] = {"run": run, "config_hash": cfg.hash(), "train": train_result.metrics}
     if any(t.validation is not None for t in tasks):
         eval_metrics = trainer.evaluate()
         results["eval"] = eval_metrics
         results["chance"] = chance_report(tasks, eval_metrics)
-    if cfg.export_at_end and trainer.args.should_save:
-        results["exported"] = {t.name: str(model.export(t.name, final_dir / "export" / t.name, tokenizer)) for t in tasks}
-        logger.info("Exported %d task models to %s", len(tasks), final_dir / "export")
-    if trainer.args.should_save:
-        write_metrics(final_dir / "metrics.json", results)
-        write_metrics(cfg.run_dir / "metrics.json", results)
-        _commit_final(store, sync, run, trainer.state.global_step, final_dir, cfg)
-        export_to_model_dir(final_dir / "export")
+    if not trainer.args.should_save:
+        return results
+    final_dir = cfg.run_dir / "final"
+    if cfg.export_at_end:
+        for i, task in enumerate(tasks):
+            model.export(task.name, building / "export" / task.name, tokenizer)
+            if i == 0:
+                faults.crash_point("mid_export", trainer.state.global_step)
+        results["exported"] = {t.name: str(final_dir / "export" / t.name) for t in tasks}
+        logger.info("Exported %d task models", len(tasks))
+    write_metrics(building / "metrics.json", results)
+
+    step = trainer.state.global_step
+    manifest = checkpoint_store.commit_final(
+        faults.wraps_store(store, step, final=True), building, run, step,
+        metadata={**_run_metadata(cfg), "step": step, "identity": sync.identity, "writer": sync.writer},
+        before_manifest=sync.guard)
+    logger.info("Final model committed to %s", store.uri(f"{run}/final"))
+    if _local_path(store, f"{run}/final") == final_dir.absolute():
+        shutil.rmtree(building, ignore_errors=True)  # the store is this folder: the commit put it in place
+    else:
+        checkpoint_store.install_local(building, final_dir, manifest)
+    write_metrics(cfg.run_dir / "metrics.json", results)
+    export_to_model_dir(final_dir / "export")
+    shutil.rmtree(work, ignore_errors=True)  # scratch: the run is committed
     return results
+
+
+def _local_path(store, key: str) -> Path | None:
+    """Where `key` of a local store lives on this disk (None for a remote store)."""
+    from .storage import LocalStore
+
+    return (store.root / key).absolute() if isinstance(store, LocalStore) else None
 
 
 def _run_metadata(cfg: Config) -> dict[str, Any]:
@@ -194,31 +352,6 @@ def _run_metadata(cfg: Config) -> dict[str, Any]:
             "versions": {"trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}}
 
 
-def _resume_point(cfg: Config, store, trainer) -> Path | None:
-    """The local checkpoint folder to resume from; one process per node downloads it."""
-    from .checkpointing import STAGING, resume_checkpoint
-
-    marker = cfg.run_dir / ".resume-from"
-    with trainer.args.main_process_first(local=True, desc="finding the checkpoint to resume"):
-        if trainer.args.local_process_index == 0:
-            shutil.rmtree(cfg.run_dir / STAGING, ignore_errors=True)
-            found = resume_checkpoint(store, cfg.resolved_run_name, cfg.resume, cfg.run_dir)
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(found) if found else "")
-        text = marker.read_text()
-    return Path(text) if text else None
-
-
-def _commit_final(store, sync, run: str, step: int, final_dir: Path, cfg: Config) -> None:
-    from . import checkpoint_store
-
-    if not sync.finish():
-        failed = ", ".join(f"checkpoint-{s}" for s, _ in (sync.committer.failed if sync.committer else []))
-        raise CheckpointError(f"checkpoints were not committed to {store.uri()}: {failed}; see the log above")
-    checkpoint_store.commit_final(store, final_dir, run, step, metadata={**_run_metadata(cfg), "step": step})
-    logger.info("Final model committed to %s", store.uri(f"{run}/final"))
-
-
 def write_metrics(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -228,24 +361,60 @@ def write_metrics(path: Path, results: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------ saved models
+def _committed_folders(run_dir: Path) -> list[Path]:
+    """The run's local folders that carry a manifest: final, then checkpoints newest first (not yet verified)."""
+    from .checkpoint_store import MANIFEST_NAME
+
+    def step(p: Path) -> int:
+        tail = p.name.split("-")[-1]
+        return int(tail) if tail.isdigit() else -1
+
+    steps = sorted((p for p in run_dir.glob("checkpoint-*") if (p / MANIFEST_NAME).is_file()), key=step, reverse=True)
+    return [p for p in (run_dir / "final", *steps) if (p / MANIFEST_NAME).is_file()]
+
+
 def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
-    """The model folder to use: `checkpoint`, else the run's final model, else its newest checkpoint.
+    """The committed model folder to use: `checkpoint`, else the run's final model, else its
+    newest committed checkpoint. Only a folder whose MANIFEST.json lists every file with its size
+    and checksum counts: a folder a crash or a full disk left half-written is refused.
 
     Raises:
-        TaskError: nothing usable is found (with where it looked).
+        TaskError: the folder is not a committed model, or nothing committed is found (with the
+            committed folders there are, and how to pull one).
     """
+    from .checkpoint_store import verify_local
+
+    def alternatives(exclude: Path | None = None) -> str:
+        found = [str(p) for p in _committed_folders(cfg.run_dir) if exclude is None or p.resolve() != exclude.resolve()]
+        listed = f"committed here: {', '.join(found[:4])}" if found else f"nothing committed in {cfg.run_dir}"
+        return f"{listed}; or `python -m trainer pull` one from CHECKPOINT_URI"
+
     if checkpoint:
         path = Path(checkpoint)
+        try:
+            verify_local(path)
+        except StorageError as e:
+            raise TaskError(f"--checkpoint={checkpoint!r} is not a committed model ({e}); {alternatives(path)}") from None
         if not (path / MULTITASK_FILE).is_file():
-            raise TaskError(f"--checkpoint={checkpoint!r} is not a multitask model folder ({MULTITASK_FILE} missing)")
+            raise TaskError(f"--checkpoint={checkpoint!r} is not a multitask model folder ({MULTITASK_FILE} missing); "
+                            f"{alternatives(path)}")
         return path
-    if (cfg.run_dir / "final" / MULTITASK_FILE).is_file():
-        return cfg.run_dir / "final"
-    steps = sorted(cfg.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    steps = [p for p in steps if (p / MULTITASK_FILE).is_file()]
-    if steps:
-        return steps[-1]
-    raise TaskError(f"no trained model in {cfg.run_dir}: train first, or pass --checkpoint=PATH")
+    problems = []
+    for path in _committed_folders(cfg.run_dir):
+        try:
+            verify_local(path)
+        except StorageError as e:
+            problems.append(str(e))
+            continue
+        if (path / MULTITASK_FILE).is_file():
+            return path
+    if problems:
+        raise TaskError(f"no intact committed model in {cfg.run_dir}: {problems[0]}; "
+                        "`python -m trainer pull` one from CHECKPOINT_URI")
+    leftovers = [p.name for p in (cfg.run_dir / "final", *cfg.run_dir.glob("checkpoint-*")) if p.is_dir()]
+    hint = f" ({', '.join(leftovers)} never committed)" if leftovers else ""
+    raise TaskError(f"no committed model in {cfg.run_dir}{hint}: train first, pass --checkpoint=PATH, or "
+                    "`python -m trainer pull` one from CHECKPOINT_URI")
 
 
 def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer, where: Path) -> MultitaskTrainer:
@@ -286,7 +455,9 @@ def export(cfg: Config, checkpoint: str | None = None, output: str | None = None
     unknown = [n for n in names if n not in model.specs]
     if unknown:
         raise TaskError(f"--task={unknown[0]!r} is not in this model; it has {', '.join(model.specs)}")
-    out_dir = Path(output) if output else path / "export"
+    # Not inside the committed folder: files added there would not be in its manifest, and a
+    # prune of a committed checkpoint deletes its whole folder.
+    out_dir = Path(output) if output else path.parent / f"{path.name}-export"
     done = {n: str(model.export(n, out_dir / n, tokenizer)) for n in names}
     for name, where in done.items():
         logger.info("Exported %s to %s", name, where)
@@ -375,20 +546,33 @@ def create_bucket(cfg: Config) -> bool:
 
 
 def _macro(manifest) -> float | None:
-    value = (manifest.metadata.get("metrics") or {}).get(f"eval_{MACRO_METRIC}")
-    return float(value) if value is not None else None
+    """The macro average of the evaluation made at the manifest's own step, if any."""
+    metrics = manifest.metadata.get("metrics") or {}
+    value = metrics.get(f"eval_{MACRO_METRIC}")
+    if value is None or (metrics.get("step") is not None and metrics.get("step") != manifest.step):
+        return None
+    return float(value)
+
+
+def best_checkpoint(committed: list) -> Any:
+    """The committed checkpoint whose own evaluation has the highest macro average (the earliest
+    on a tie, as the Trainer keeps its first best), or None."""
+    scored = [m for m in committed if _macro(m) is not None]
+    return max(scored, key=lambda m: (_macro(m), -m.step)) if scored else None
 
 
 def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str | None = None,
          list_only: bool = False) -> Path | None:
     """List a run's committed checkpoints, or download one, verifying every checksum.
 
-    `which`: latest | best (highest macro average) | final (the finished model and its exports)
-    | a step number. With `task`, only that task's exported model (from the final model),
-    ready for `from_pretrained`.
+    `which`: latest | best (highest macro average of a checkpoint's own evaluation) | final (the
+    finished model and its exports) | a step number. With `task`, only that task's exported model
+    (from the final model), ready for `from_pretrained`. The files go into `dest` (default
+    pulled/RUN/NAME) with a MANIFEST.json listing them, written last; nothing else in `dest` is
+    deleted or changed.
 
     Raises:
-        TaskError: nothing matches `which`/`task`.
+        TaskError: nothing matches `which`/`task`, or `dest` cannot take the files.
         StorageError: CorruptObjectError for a changed object, UnsafeObjectName for a bad name.
     """
     from . import checkpoint_store as cs
@@ -400,12 +584,14 @@ def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str 
     final = cs.read_final(store, run)
     if list_only:
         incomplete = cs.list_incomplete(store, run)
+        best = best_checkpoint(committed)
         print(f"{store.uri(run)}:")
         print(f"  {'checkpoint':<18} {'step':>8}  {'created (UTC)':<26} {MACRO_METRIC:>10}")
         for m in [*committed, *([final] if final else [])]:
             macro = _macro(m)
             name = m.prefix.rsplit("/", 1)[-1]
-            print(f"  {name:<18} {m.step:>8}  {m.created:<26} {'' if macro is None else f'{macro:.4f}':>10}")
+            mark = "  best" if best is not None and m is best else ""
+            print(f"  {name:<18} {m.step:>8}  {m.created:<26} {'' if macro is None else f'{macro:.4f}':>10}{mark}")
         for step in incomplete:
             print(f"  checkpoint-{step:<7} {step:>8}  (incomplete: no manifest, never resumed)")
         return None
@@ -416,8 +602,7 @@ def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str 
     elif which == "latest":
         manifest = committed[-1] if committed else None
     elif which == "best":
-        scored = [m for m in committed if _macro(m) is not None]
-        manifest = max(scored, key=_macro) if scored else None
+        manifest = best_checkpoint(committed)
     elif which.removeprefix("checkpoint-").isdigit():
         step = int(which.removeprefix("checkpoint-"))
         manifest = next((m for m in committed if m.step == step), None)
@@ -429,16 +614,16 @@ def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str 
                         f"final: {'yes' if final else 'no'}): run `python -m trainer pull --list`")
     name = manifest.prefix.rsplit("/", 1)[-1]
     target = Path(dest) if dest else Path("pulled") / run / (f"{name}-{task}" if task else name)
-    if task is None:
-        cs.download_checkpoint(store, manifest, target)
-    else:
+    only = None
+    if task is not None:
         only = f"export/{task}/"
         if not any(f.path.startswith(only) for f in manifest.files):
             tasks = sorted({f.path.split("/")[1] for f in manifest.files if f.path.startswith("export/")})
-            raise TaskError(f"--task={task!r} has no exported model in {store.uri(manifest.prefix)}; exported: {', '.join(tasks) or 'none'}")
-        staging = cs.download_checkpoint(store, manifest, target.parent / f".{target.name}.pull", only=only)
-        shutil.rmtree(target, ignore_errors=True)
-        (staging / "export" / task).rename(target)
-        shutil.rmtree(staging, ignore_errors=True)
+            raise TaskError(f"--task={task!r} has no exported model in {store.uri(manifest.prefix)}; "
+                            f"exported: {', '.join(tasks) or 'none'}")
+    try:
+        cs.download_checkpoint(store, manifest, target, only=only, strip=task is not None, merge=True)
+    except ValueError as e:
+        raise TaskError(f"--dest={str(target)!r}: {e}") from None
     logger.info("Pulled %s (verified) to %s", store.uri(manifest.prefix), target)
     return target

@@ -62,6 +62,9 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         strategy: proportional | temperature | uniform | round_robin | weights.
         lengths: optional per-task token lengths; with `group_by_length`, batches hold
             examples of similar length (shuffled megabatches sorted by length).
+        limit: optional ``(epoch, batches per epoch) -> number of batches or None``: the epoch ends after that many
+            batches (the run's last step falls inside it), so nothing is drawn past the end of
+            training, also when a resume starts there.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         lengths: Sequence[Sequence[int]] | None = None,
         group_by_length: bool = False,
         drop_last: bool = False,
+        limit=None,
     ):
         if len(sizes) != len(batch_sizes) or not sizes:
             raise ValueError("need one batch size per task and at least one task")
@@ -97,6 +101,7 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         self.lengths = [np.asarray(x) for x in lengths] if lengths is not None else None
         self.group_by_length = group_by_length and lengths is not None
         self.drop_last = drop_last
+        self.limit = limit
         self.epoch = 0
         self.batch_size = max(self.batch_sizes)  # read by tools that inspect samplers
 
@@ -163,7 +168,11 @@ class MultitaskBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         pending: dict[int, list[list[int]]] = {}
         cycles = [0] * len(self.sizes)
-        for task in self.schedule():
+        schedule = self.schedule()
+        limit = self.limit(self.epoch, len(schedule)) if self.limit is not None else None
+        if limit is not None:
+            schedule = schedule[: max(0, limit)]
+        for task in schedule:
             if not pending.get(task):
                 pending[task] = self._task_pass(task, cycles[task])
                 cycles[task] += 1

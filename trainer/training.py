@@ -22,7 +22,7 @@ from . import metrics as metric_fns
 from .config import Config
 from .data import MultitaskCollator, MultitaskDataset, TaskData, example_lengths
 from .sampling import MultitaskBatchSampler
-from .tasks import TaskSpec
+from .tasks import TaskError, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ def resolve_precision(precision: str) -> str:
 
 
 def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
-    """`TrainingArguments` from the config; one place maps our settings to the Trainer's."""
+    """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
+
+    The Trainer works in the run's scratch folder (`checkpointing.WORKDIR`) and keeps one
+    checkpoint there (and the best): the committed checkpoints, SAVE_TOTAL_LIMIT of them and the
+    best, live in the checkpoint store (`checkpointing.CheckpointSync` prunes it).
+    """
+    from .checkpointing import work_dir
+
     return TrainingArguments(
-        output_dir=str(cfg.run_dir),
+        output_dir=str(work_dir(cfg.run_dir)),
         run_name=cfg.resolved_run_name,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
@@ -67,7 +74,7 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
         eval_steps=cfg.eval_steps,
         save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=1,
         load_best_model_at_end=cfg.load_best_model_at_end,
         metric_for_best_model=MACRO_METRIC,
         greater_is_better=True,
@@ -90,6 +97,11 @@ class EpochAwareLoader(DataLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
+
+
+class NonFiniteLoss(TaskError):
+    """A training step's loss is NaN or infinite: stepping the optimizer would make every weight NaN.
+    (A `TaskError`: its cause is nearly always the data or the learning rate; exit code 2.)"""
 
 
 class MultitaskTrainer(Trainer):
@@ -122,7 +134,44 @@ class MultitaskTrainer(Trainer):
             lengths=[example_lengths(t.train) for t in self.tasks] if cfg.group_by_length else None,
             group_by_length=cfg.group_by_length,
             drop_last=args.dataloader_drop_last,
+            limit=self._epoch_batch_limit,
         )
+
+    def _epoch_batch_limit(self, epoch: int, batches: int) -> int | None:
+        """Batches of `epoch` (of `batches` per epoch) up to the run's last step; None: all of them.
+
+        The Trainer checks for its last step only after running a step, so a resume from a
+        checkpoint of the last step in mid-epoch would train one step too many; a data loader
+        that ends there leaves it nothing to train."""
+        max_steps, accumulation = self.state.max_steps, self.args.gradient_accumulation_steps
+        if not max_steps:
+            return None
+        per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)  # as the Trainer counts
+        left = max_steps - epoch * per_epoch
+        return None if left >= per_epoch else max(0, left * accumulation)
+
+    def planned_steps(self) -> int:
+        """Optimizer steps this run trains in all (from MAX_STEPS, or the epochs and the data)."""
+        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it.
+
+        Raises:
+            NonFiniteLoss: on every rank when any rank's loss is NaN or infinite.
+        """
+        task = inputs.get("task")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = ~torch.isfinite(loss.detach())
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            flag = bad.float().reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag[0] > 0
+        if bool(bad):
+            raise NonFiniteLoss(
+                f"task {task!r} gave a non-finite training loss ({float(loss):g}) at step {self.state.global_step + 1}: "
+                "check its labels and inputs, lower LEARNING_RATE or MAX_GRAD_NORM, or use PRECISION=fp32")
+        return loss
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
