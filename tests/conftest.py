@@ -25,6 +25,7 @@ DEMO = ROOT / "trainer" / "demo"
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 
 from tests.gcs_server import gcs_server  # noqa: E402,F401  (fixture re-export)
+from tests.gcs_testbench import gcs_testbench  # noqa: E402,F401  (fixture re-export)
 from tests.vertex_server import vertex_server  # noqa: E402,F401  (fixture re-export)
 
 

@@ -20,7 +20,8 @@ Emulator gaps (fake-gcs-server v1.54): ``if_generation_match=0`` is enforced
 only for uploads of at most 8 MiB (larger ones are resumable and overwrite);
 a wrong declared crc32c is accepted; the filesystem back end writes an object
 named ``a/../../x`` outside its bucket folder (the memory back end keeps the
-name literally); no IAM, so no 403.
+name literally); no IAM, so no 403. Tests that need what it lacks run on
+Google's storage-testbench instead (tests/gcs_testbench.py).
 """
 
 from __future__ import annotations

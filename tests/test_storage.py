@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.gcs_server import TEST_BUCKET, free_port, gcs_server, store, tamper
+from tests.gcs_testbench import gcs_testbench
 from trainer.storage import (
     CorruptObjectError,
     GcsStore,
@@ -34,7 +35,7 @@ from trainer.storage import (
     safe_local_path,
 )
 
-__all__ = ["gcs_server", "store"]  # fixtures used by name
+__all__ = ["gcs_server", "gcs_testbench", "store"]  # fixtures used by name
 
 BAD_KEYS = [
     "../../x",
@@ -104,8 +105,8 @@ def test_overwrite_replaces_without_create_only(store):
 
 
 def test_create_only_refuses_an_existing_object(store, tmp_path):
-    # Small objects only: the emulator enforces ifGenerationMatch=0 only for
-    # uploads <= 8 MiB (see test_emulator_gap_large_create_only).
+    # Small objects only: fake-gcs-server enforces ifGenerationMatch=0 only for
+    # uploads <= 8 MiB (see test_a_second_large_create_only_upload_is_refused).
     store.write_bytes("k", b"first", create_only=True)
     src = tmp_path / "f"
     src.write_bytes(b"second")
@@ -347,14 +348,16 @@ def test_google_errors_are_translated():
     assert "bucket gs://b does not exist" in str(bucket_missing)
 
 
-@pytest.mark.xfail(strict=True, reason="emulator gap: ifGenerationMatch=0 ignored for resumable uploads > 8 MiB")
-def test_emulator_gap_large_create_only(gcs_server, tmp_path):
-    big = tmp_path / "big"
-    big.write_bytes(b"\x01" * (8 * 1024 * 1024 + 1))
-    gcs = open_store(f"gs://{TEST_BUCKET}/big")
-    gcs.upload_file(big, "k", create_only=True)
-    with pytest.raises(PreconditionFailed):
-        gcs.upload_file(big, "k", create_only=True)
+def test_a_second_large_create_only_upload_is_refused(gcs_testbench, tmp_path):
+    # On the testbench: fake-gcs-server lets resumable uploads (> 8 MiB) overwrite (tests/gcs_server.py).
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"\x01" * (9 << 20))
+    second.write_bytes(b"\x02" * (9 << 20))
+    gcs = gcs_testbench.store("big")
+    stored = gcs.upload_file(first, "k", create_only=True)
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        gcs.upload_file(second, "k", create_only=True)
+    assert gcs.info("k").crc32c == stored.crc32c == file_crc32c(first)
 
 
 # -- local only --------------------------------------------------------------------------
