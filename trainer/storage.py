@@ -19,8 +19,10 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +37,12 @@ DEFAULT_SETTING = "CHECKPOINT_URI"  # the setting named in "fix ..." messages
 _CHUNK = 1 << 20
 # Temporary files of the local back end; list() never reports them.
 _TMP_PREFIX = ".~tmp-"
+# The lock file of a folder's conditional writes and deletes (local back end). mkstemp's
+# names after _TMP_PREFIX have no '.', so no temporary file can take this name.
+_LOCK_NAME = f"{_TMP_PREFIX}cas.lock"
+# Generations: GCS's are positive integers; the local back end's are "<inode>-<mtime ns>".
+_GCS_GENERATION = re.compile(r"^[1-9][0-9]*$")
+_LOCAL_GENERATION = re.compile(r"^[0-9]+-[0-9]+$")
 # GCS bucket names: 3-63 characters (up to 222 with dots), lowercase letters,
 # digits, '-', '_' and '.', starting and ending with a letter or digit.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -63,7 +71,8 @@ class NotFound(StorageError, FileNotFoundError):
 
 
 class PreconditionFailed(StorageError, FileExistsError):
-    """A create-only write found an object already there."""
+    """A create-only write found an object already there, or a conditional write or
+    delete found the object at another generation (or gone)."""
 
 
 class CorruptObjectError(StorageError):
@@ -81,12 +90,18 @@ class ObjectInfo:
     ``crc32c`` is base64 of the big-endian CRC32C, as GCS reports it. It is
     None only from ``list(checksums=False)`` on a back end that would have to
     read the data to compute it (local).
+
+    ``generation`` is an opaque token that changes on every write of the key
+    (GCS: the object generation; local: inode and modification time), for
+    ``write_bytes(..., if_generation=)`` and ``delete(..., if_generation=)``.
+    Every Store method that returns ObjectInfo fills it.
     """
 
     key: str
     size: int
     crc32c: str | None
     updated: dt.datetime
+    generation: str | None = None
 
 
 # --------------------------------------------------------------------------
@@ -176,6 +191,18 @@ def _updated(value: dt.datetime | None) -> dt.datetime:
     return value if value is not None else dt.datetime.fromtimestamp(0, dt.timezone.utc)
 
 
+def _check_generation(if_generation: object, form: re.Pattern[str], store: Store, *, create_only: bool = False) -> None:
+    """Raise ValueError if ``create_only`` is set too, or ``if_generation`` does not have
+    the form of ``store``'s generations."""
+    if create_only:
+        raise ValueError("create_only and if_generation exclude each other: pass one of them")
+    if not isinstance(if_generation, str) or not form.match(if_generation):
+        raise ValueError(
+            f"if_generation={if_generation!r} is not a generation of {store!r}: "
+            "pass the ObjectInfo.generation that this store returned"
+        )
+
+
 # --------------------------------------------------------------------------
 # The interface
 # --------------------------------------------------------------------------
@@ -217,16 +244,42 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> ObjectInfo:
-        """Store ``data`` as ``key``; raises as `upload_file`."""
+    def write_bytes(
+        self, key: str, data: bytes, *, create_only: bool = False, if_generation: str | None = None
+    ) -> ObjectInfo:
+        """Store ``data`` as ``key``.
+
+        ``if_generation``: compare-and-swap; the write succeeds only if the
+        stored object's generation is still exactly this one (an
+        `ObjectInfo.generation` of this store). Exactly one of several writers
+        starting from the same generation wins; the returned ObjectInfo holds
+        the new generation. On GCS a retried request whose first attempt
+        succeeded but whose response was lost also answers PreconditionFailed:
+        a caller that must know reads the object back.
+
+        Raises PreconditionFailed if ``create_only`` and ``key`` exists, or if
+        ``if_generation`` no longer matches (rewritten or deleted meanwhile);
+        ValueError for both ``create_only`` and ``if_generation``, or an
+        ``if_generation`` that is not a generation of this kind of store;
+        otherwise as `upload_file`.
+        """
 
     @abc.abstractmethod
     def read_bytes(self, key: str) -> bytes:
         """The content of ``key``. Raises NotFound, UnsafeObjectName, StorageError."""
 
     @abc.abstractmethod
+    def read_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        """The content of ``key`` and the ObjectInfo (generation included) of
+        exactly that content, e.g. to compare-and-swap it afterwards.
+
+        Raises NotFound, UnsafeObjectName, TransientStorageError if the object
+        kept changing while it was read, StorageError.
+        """
+
+    @abc.abstractmethod
     def info(self, key: str) -> ObjectInfo:
-        """Size, crc32c and update time of ``key``. Raises NotFound, StorageError."""
+        """Size, crc32c, update time and generation of ``key``. Raises NotFound, StorageError."""
 
     @abc.abstractmethod
     def list(self, prefix: str = "", *, checksums: bool = True) -> list[ObjectInfo]:
@@ -239,9 +292,19 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_generation: str | None = None) -> None:
         """Delete ``key``. A missing key is not an error (deletes are retried,
-        so a lost response must not fail the call). Raises StorageError."""
+        so a lost response must not fail the call).
+
+        ``if_generation``: delete only if the stored object is still at
+        exactly this generation; then a missing object is an error too (it
+        was changed meanwhile). As for `write_bytes`, a retried conditional
+        delete whose first response was lost answers PreconditionFailed on GCS.
+
+        Raises PreconditionFailed if ``if_generation`` does not match or the
+        object is gone, ValueError for an ``if_generation`` that is not a
+        generation of this kind of store, UnsafeObjectName, StorageError.
+        """
 
     @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> int:
@@ -356,6 +419,30 @@ def open_store(
 # --------------------------------------------------------------------------
 
 
+def _local_generation(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _local_info(key: str, st: os.stat_result, crc32c: str | None) -> ObjectInfo:
+    updated = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+    return ObjectInfo(key, st.st_size, crc32c, updated, _local_generation(st))
+
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _stamp(path: str, *, later_than: int = 0) -> os.stat_result:
+    """Give ``path`` a modification time that no earlier write of this process had, and later
+    than ``later_than`` (ns); return its stat. This keeps local generations from repeating."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1, later_than + 1)
+        ns = _last_stamp
+    os.utime(path, ns=(ns, ns))
+    return os.stat(path)
+
+
 class LocalStore(Store):
     """Objects as files under a root folder.
 
@@ -363,6 +450,17 @@ class LocalStore(Store):
     (or ``os.link`` for create-only, which fails atomically if the name
     exists). Unlike GCS, a key cannot be both an object and a "folder" of
     other objects.
+
+    Generations are "<inode>-<mtime in ns>". Every write gives its new file a
+    fresh modification time, a conditional write one later than the file it
+    replaces, so a key's generation never comes back even when the file
+    system reuses the inode (on file systems with nanosecond timestamps:
+    ext4, XFS, btrfs, tmpfs). Conditional writes and deletes check and act
+    under an exclusive ``flock`` on a lock file in the object's folder
+    (hidden like the temporary files; it stays there), which makes them
+    atomic among the threads and processes of one machine, and with
+    create-only writes; an unconditional write or delete racing with them
+    is not serialized.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, setting: str = DEFAULT_SETTING):
@@ -410,7 +508,9 @@ class LocalStore(Store):
             self.write_bytes(probe, b"", create_only=True)
             self.delete(probe)
 
-    def _write(self, key: str, fill: Callable[[IO[bytes]], str], *, create_only: bool) -> ObjectInfo:
+    def _write(
+        self, key: str, fill: Callable[[IO[bytes]], str], *, create_only: bool, if_generation: str | None = None
+    ) -> ObjectInfo:
         dest = self._path(key)
         with self._errors(key):
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -420,15 +520,49 @@ class LocalStore(Store):
                     crc = fill(f)
                     f.flush()
                     os.fsync(f.fileno())
-                if create_only:
+                # The new file's own stat: once renamed, the name may already hold a newer write.
+                if if_generation is not None:
+                    with self._folder_lock(dest.parent):
+                        current = self._stat_or_none(dest)
+                        if current is None or _local_generation(current) != if_generation:
+                            raise PreconditionFailed(self._changed(key, if_generation, current))
+                        st = _stamp(tmp, later_than=current.st_mtime_ns)
+                        os.replace(tmp, dest)
+                elif create_only:
+                    st = _stamp(tmp)
                     self._link_exclusive(tmp, dest, key)
                 else:
+                    st = _stamp(tmp)
                     os.replace(tmp, dest)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-            st = dest.stat()
-        return ObjectInfo(key, st.st_size, crc, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
+        return _local_info(key, st, crc)
+
+    @contextlib.contextmanager
+    def _folder_lock(self, folder: Path) -> Iterator[None]:
+        """Hold the exclusive lock of ``folder``'s conditional operations.
+        Raises FileNotFoundError if the folder does not exist."""
+        import fcntl  # POSIX only, like the local back end's atomic renames
+
+        fd = os.open(folder / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _stat_or_none(path: Path) -> os.stat_result | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def _changed(self, key: str, expected: str, current: os.stat_result | None) -> str:
+        now = "it no longer exists" if current is None else f"it is at generation {_local_generation(current)} now"
+        return f"{self.uri(key)} is no longer at generation {expected}: {now}"
 
     def _link_exclusive(self, tmp: str, dest: Path, key: str) -> None:
         try:
@@ -466,19 +600,38 @@ class LocalStore(Store):
 
             return self._write(key, fill, create_only=create_only)
 
-    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> ObjectInfo:
+    def write_bytes(
+        self, key: str, data: bytes, *, create_only: bool = False, if_generation: str | None = None
+    ) -> ObjectInfo:
         validate_key(key)
+        if if_generation is not None:
+            _check_generation(if_generation, _LOCAL_GENERATION, self, create_only=create_only)
 
         def fill(f: IO[bytes]) -> str:
             f.write(data)
             return bytes_crc32c(data)
 
-        return self._write(key, fill, create_only=create_only)
+        return self._write(key, fill, create_only=create_only, if_generation=if_generation)
 
     def read_bytes(self, key: str) -> bytes:
         path = self._path(key)
         with self._errors(key):
             return path.read_bytes()
+
+    def read_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        path = self._path(key)
+        with self._errors(key):
+            for _ in range(2):
+                # Writes replace the file (a new inode), so the open file keeps the content of the
+                # generation it had when opened; only a writer changing the file in place (not
+                # this class) moves its mtime meanwhile.
+                with open(path, "rb") as f:
+                    before = os.fstat(f.fileno())
+                    data = f.read()
+                    after = os.fstat(f.fileno())
+                if (before.st_mtime_ns, before.st_size) == (after.st_mtime_ns, len(data)):
+                    return data, _local_info(key, after, bytes_crc32c(data))
+        raise TransientStorageError(f"{self.uri(key)} changed while it was read, twice: try again")
 
     def _download_to(self, key: str, file: IO[bytes]) -> None:
         path = self._path(key)
@@ -492,7 +645,7 @@ class LocalStore(Store):
                 raise FileNotFoundError(key)
             st = path.stat()
             crc = file_crc32c(path)
-        return ObjectInfo(key, st.st_size, crc, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
+        return _local_info(key, st, crc)
 
     def list(self, prefix: str = "", *, checksums: bool = True) -> list[ObjectInfo]:
         folder = prefix.rpartition("/")[0]
@@ -512,15 +665,26 @@ class LocalStore(Store):
                         crc = file_crc32c(path) if checksums else None
                     except FileNotFoundError:  # deleted while listing
                         continue
-                    updated = dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
-                    found.append(ObjectInfo(key, st.st_size, crc, updated))
+                    found.append(_local_info(key, st, crc))
         return sorted(found, key=lambda o: o.key)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_generation: str | None = None) -> None:
         path = self._path(key)
+        if if_generation is not None:
+            _check_generation(if_generation, _LOCAL_GENERATION, self)
         with self._errors(key):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            if if_generation is None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            else:
+                try:
+                    with self._folder_lock(path.parent):
+                        current = self._stat_or_none(path)
+                        if current is None or _local_generation(current) != if_generation:
+                            raise PreconditionFailed(self._changed(key, if_generation, current))
+                        path.unlink()
+                except FileNotFoundError as e:  # no folder, so no object
+                    raise PreconditionFailed(self._changed(key, if_generation, None)) from e
             self._remove_empty_parents(path.parent)
 
     def _remove_empty_parents(self, folder: Path) -> None:
@@ -557,8 +721,9 @@ class GcsStore(Store):
 
     Retries use the library's policies: ``DEFAULT_RETRY`` (429, 5xx,
     connection errors; never 403/404) with ``retry_deadline``, and for
-    create-only writes the conditional policy, which retries because the
-    ``ifGenerationMatch=0`` precondition makes the call idempotent.
+    create-only and conditional writes and deletes the conditional policy,
+    which retries because the ``ifGenerationMatch`` precondition makes the
+    call idempotent. Generations are the objects' GCS generations.
     """
 
     def __init__(
@@ -725,22 +890,41 @@ class GcsStore(Store):
             self.write_bytes(probe, b"", create_only=True)
             self.delete(probe)
 
-    def _upload(self, key: str, send: Callable[..., None], local_crc: str, *, create_only: bool) -> ObjectInfo:
+    def _upload(
+        self, key: str, send: Callable[..., None], local_crc: str, *, create_only: bool, if_generation: str | None = None
+    ) -> ObjectInfo:
+        match = None  # the ifGenerationMatch precondition
+        if create_only:
+            match = 0  # only if there is no live object
+        elif if_generation is not None:
+            match = int(if_generation)
         blob = self._get_bucket().blob(self._name(key))
-        with self._errors(key, on_missing="bucket"):
-            send(
-                blob,
-                checksum="crc32c",
-                if_generation_match=0 if create_only else None,
-                retry=self._retry_if_generation if create_only else self._retry,
-                timeout=self.timeout,
-            )
+        try:
+            with self._errors(key, on_missing="bucket"):
+                send(
+                    blob,
+                    checksum="crc32c",
+                    if_generation_match=match,
+                    retry=self._retry if match is None else self._retry_if_generation,
+                    timeout=self.timeout,
+                )
+        except PreconditionFailed as e:
+            if if_generation is None:
+                raise
+            raise PreconditionFailed(self._changed(key, if_generation)) from e.__cause__
         # The server verifies the crc32c we sent; this also catches a server
         # (or emulator) that accepts a wrong checksum.
         if blob.crc32c != local_crc:
             raise CorruptObjectError(f"{self.uri(key)} was stored with crc32c {blob.crc32c}, expected {local_crc} "
                                      "(changed in transit, or the local file changed)")
-        return ObjectInfo(key, blob.size, blob.crc32c, _updated(blob.updated))
+        return self._info(key, blob)
+
+    def _info(self, key: str, blob: Any) -> ObjectInfo:
+        generation = None if blob.generation is None else str(blob.generation)
+        return ObjectInfo(key, blob.size, blob.crc32c, _updated(blob.updated), generation)
+
+    def _changed(self, key: str, expected: str) -> str:
+        return f"{self.uri(key)} is no longer at generation {expected}: rewritten or deleted meanwhile"
 
     def upload_file(
         self, local_path: str | os.PathLike[str], key: str, *, create_only: bool = False, crc32c: str | None = None
@@ -755,19 +939,45 @@ class GcsStore(Store):
 
             return self._upload(key, send, crc, create_only=create_only)
 
-    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> ObjectInfo:
+    def write_bytes(
+        self, key: str, data: bytes, *, create_only: bool = False, if_generation: str | None = None
+    ) -> ObjectInfo:
         validate_key(key)
+        if if_generation is not None:
+            _check_generation(if_generation, _GCS_GENERATION, self, create_only=create_only)
 
         def send(blob: Any, **kwargs: Any) -> None:
             blob.upload_from_string(data, **kwargs)
 
-        return self._upload(key, send, bytes_crc32c(data), create_only=create_only)
+        return self._upload(key, send, bytes_crc32c(data), create_only=create_only, if_generation=if_generation)
 
     def read_bytes(self, key: str) -> bytes:
         validate_key(key)
         blob = self._get_bucket().blob(self._name(key))
         with self._errors(key):
             return blob.download_as_bytes(checksum="crc32c", retry=self._retry, timeout=self.timeout)
+
+    def read_with_info(self, key: str) -> tuple[bytes, ObjectInfo]:
+        validate_key(key)
+        bucket = self._get_bucket()
+        for _ in range(2):
+            with self._errors(key):
+                blob = bucket.get_blob(self._name(key), retry=self._retry, timeout=self.timeout)
+            if blob is None:
+                raise NotFound(f"{self.uri(key)} does not exist")
+            info = self._info(key, blob)
+            try:
+                with self._errors(key):
+                    # blob.generation is set: this downloads exactly that generation (retries too).
+                    data = blob.download_as_bytes(checksum="crc32c", retry=self._retry, timeout=self.timeout)
+            except NotFound:  # that generation is gone: rewritten or deleted since get_blob
+                continue
+            # The download reports the generation it served (None: no header); a server that
+            # ignored the pin may have served another.
+            served = blob.generation
+            if (served is None or str(served) == info.generation) and bytes_crc32c(data) == info.crc32c:
+                return data, info
+        raise TransientStorageError(f"{self.uri(key)} changed while it was read, twice: try again")
 
     def _download_to(self, key: str, file: IO[bytes]) -> None:
         blob = self._get_bucket().blob(self._name(key))
@@ -781,14 +991,14 @@ class GcsStore(Store):
             blob = bucket.get_blob(self._name(key), retry=self._retry, timeout=self.timeout)
         if blob is None:
             raise NotFound(f"{self.uri(key)} does not exist")
-        return ObjectInfo(key, blob.size, blob.crc32c, _updated(blob.updated))
+        return self._info(key, blob)
 
     def list(self, prefix: str = "", *, checksums: bool = True) -> list[ObjectInfo]:
         bucket = self._get_bucket()
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         with self._errors(prefix, on_missing="bucket"):
             blobs = list(bucket.client.list_blobs(bucket, prefix=full or None, retry=self._retry, timeout=self.timeout))
-        found = [ObjectInfo(self._key(b.name), b.size, b.crc32c, _updated(b.updated)) for b in blobs]
+        found = [self._info(self._key(b.name), b) for b in blobs]
         return sorted(found, key=lambda o: o.key)
 
     def _delete_name(self, name: str, key: str) -> None:
@@ -799,9 +1009,18 @@ class GcsStore(Store):
         except NotFound:
             pass
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_generation: str | None = None) -> None:
         validate_key(key)
-        self._delete_name(self._name(key), key)
+        if if_generation is None:
+            self._delete_name(self._name(key), key)
+            return
+        _check_generation(if_generation, _GCS_GENERATION, self)
+        blob = self._get_bucket().blob(self._name(key))
+        try:
+            with self._errors(key):
+                blob.delete(if_generation_match=int(if_generation), retry=self._retry_if_generation, timeout=self.timeout)
+        except (NotFound, PreconditionFailed) as e:  # 404: gone, so changed too
+            raise PreconditionFailed(self._changed(key, if_generation)) from e.__cause__
 
     def delete_prefix(self, prefix: str) -> int:
         if not prefix:
