@@ -1,9 +1,13 @@
-"""The checkpoint commit protocol, on a local folder and on a real fake-gcs-server."""
+"""The checkpoint commit protocol, on a local folder and on a real fake-gcs-server; with objects
+above 8 MiB (resumable uploads, whose preconditions fake-gcs-server ignores) and injected faults
+on Google's storage-testbench."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import random
 import shutil
 import threading
 import time
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.gcs_server import TEST_BUCKET, fake_gcs_server, gcs_server, store, tamper
+from tests.gcs_testbench import gcs_testbench
 from trainer.checkpoint_store import (
     MANIFEST_NAME,
     FileEntry,
@@ -35,7 +40,7 @@ from trainer.storage import (
     open_store,
 )
 
-__all__ = ["gcs_server", "store"]  # fixtures used by name
+__all__ = ["gcs_server", "gcs_testbench", "store"]  # fixtures used by name
 
 FILES = {
     "model.safetensors": b"\x00weights" * 300,
@@ -376,6 +381,100 @@ def test_object_names_leading_outside_the_destination_are_refused(gcs_server, tm
     assert prune_checkpoints(gcs, "run", keep=1) == [1]
     assert [o.key for o in gcs.list("run/checkpoint-1/")] == []
 
+
+
+# -- large objects, on storage-testbench ------------------------------------------------------
+# Real checkpoints hold objects above 8 MiB, which the client uploads resumably: there
+# fake-gcs-server ignores create-only (tests/gcs_server.py), so these run on the testbench.
+
+MiB = 1 << 20
+
+
+@functools.cache
+def big_files() -> dict[str, bytes]:
+    """Two objects above 8 MiB and a small one sorting after them (uploads go in path order)."""
+    rng = random.Random(12)
+    return {
+        "model.safetensors": rng.randbytes(12 * MiB),
+        "optimizer.pt": rng.randbytes(9 * MiB),
+        "trainer_state.json": b'{"global_step": 1}',
+    }
+
+
+class PlantsFirst:
+    """Wraps a Store: just before the first upload of ``key``, ``data`` lands under that key
+    behind the commit's back (an earlier attempt's upload finishing after the listing, or a
+    retried request whose first attempt had succeeded)."""
+
+    def __init__(self, inner, key: str, data: bytes):
+        self.inner, self.key, self.data, self.planted = inner, key, data, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upload_file(self, local_path, key, **kwargs):
+        if key == self.key and not self.planted:
+            self.planted = True
+            tamper(self.inner, key, self.data)
+        return self.inner.upload_file(local_path, key, **kwargs)
+
+
+def test_large_checkpoint_round_trip(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata=METADATA)
+    assert list_checkpoints(gcs, "run") == [manifest] and latest_valid_checkpoint(gcs, "run") == manifest
+    verify_checkpoint(gcs, manifest)
+    assert tree(download_checkpoint(gcs, manifest, tmp_path / "restore")) == big_files()
+
+
+def test_a_commit_resumed_after_a_crash_keeps_identical_large_objects_and_replaces_changed_ones(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    local = make_dir(tmp_path / "local", big_files())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # every file uploaded, no manifest
+        commit_checkpoint(Recording(gcs, fail=("write_bytes", 1)), local, "run", 2, metadata={})
+    changed = big_files()["optimizer.pt"][:-1] + b"!"  # as another attempt's version: same size
+    tamper(gcs, "run/checkpoint-2/optimizer.pt", changed)
+
+    recording = Recording(gcs)
+    manifest = commit_checkpoint(recording, local, "run", 2, metadata={})
+    assert [key for name, key in recording.calls if name == "upload_file"] == ["run/checkpoint-2/optimizer.pt"]
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+@pytest.mark.parametrize("leftover", ["identical", "different"])
+def test_a_large_object_that_appears_during_the_commit_is_kept_if_identical_else_replaced(gcs_testbench, tmp_path, leftover):
+    gcs = gcs_testbench.store("ckpt")
+    key = "run/checkpoint-3/model.safetensors"
+    weights = big_files()["model.safetensors"]
+    recording = Recording(PlantsFirst(gcs, key, weights if leftover == "identical" else weights[: 9 * MiB]))
+    manifest = commit_checkpoint(recording, make_dir(tmp_path / "local", big_files()), "run", 3, metadata={})
+
+    # The create-only upload was refused (fake-gcs-server would have overwritten silently):
+    # the identical object is kept, the other one deleted and uploaded again.
+    calls = [name for name, k in recording.calls if k == key]
+    assert calls == (["upload_file"] if leftover == "identical" else ["upload_file", "delete", "upload_file"])
+    verify_checkpoint(gcs, manifest)
+
+
+def test_corruption_of_a_large_object_is_detected(gcs_testbench, tmp_path, caplog):
+    gcs = gcs_testbench.store("ckpt")
+    older = commit(gcs, tmp_path, 1)
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 2, metadata={})
+    weights = bytearray(big_files()["model.safetensors"])
+    weights[6 * MiB] ^= 1  # one bit, same size
+    tamper(gcs, "run/checkpoint-2/model.safetensors", bytes(weights))
+
+    with pytest.raises(CorruptObjectError, match="checkpoint-2/model.safetensors"):
+        verify_checkpoint(gcs, manifest)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint_store"):
+        assert latest_valid_checkpoint(gcs, "run") == older
+    assert "skipping checkpoint" in caplog.text
+    dest = make_dir(tmp_path / "restore" / "ckpt", {"previous.txt": b"keep me"})
+    with pytest.raises(CorruptObjectError, match="model.safetensors"):
+        download_checkpoint(gcs, manifest, dest)
+    assert tree(dest) == {"previous.txt": b"keep me"}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["ckpt"]
 
 # -- outage ----------------------------------------------------------------------------------
 
