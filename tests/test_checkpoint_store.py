@@ -35,6 +35,7 @@ from trainer.checkpoint_store import (
 from trainer.storage import (
     CorruptObjectError,
     PreconditionFailed,
+    StorageError,
     UnsafeObjectName,
     bytes_crc32c,
     open_store,
@@ -475,6 +476,72 @@ def test_corruption_of_a_large_object_is_detected(gcs_testbench, tmp_path, caplo
         download_checkpoint(gcs, manifest, dest)
     assert tree(dest) == {"previous.txt": b"keep me"}
     assert sorted(p.name for p in dest.parent.iterdir()) == ["ckpt"]
+
+
+# -- injected faults (the testbench's Retry Test API) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(["return-503", "return-503"], id="503-twice"),
+        pytest.param(["return-503-after-256K"], id="503-after-256K-of-a-chunk"),
+        pytest.param(["return-broken-stream"], id="broken-stream-on-a-chunk"),
+    ],
+)
+def test_a_large_commit_survives_faults_on_its_uploads(gcs_testbench, tmp_path, faults):
+    test_id = gcs_testbench.retry_test({"storage.objects.insert": faults})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id)
+    # One upload at a time in path order: the first requests (and the first response with a
+    # body, which a broken stream cuts) are the resumable upload of the 12 MiB model.safetensors.
+    local = make_dir(tmp_path / "local", big_files())
+    manifest = commit_checkpoint(faulty, local, "run", 1, metadata={}, max_workers=1)
+    gcs_testbench.assert_faults_injected(test_id)
+    gcs = gcs_testbench.store("ckpt")
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+@pytest.mark.parametrize("fault", ["return-503", "return-broken-stream"])
+def test_a_commit_survives_a_fault_on_its_manifest_write(gcs_testbench, tmp_path, fault):
+    # A broken stream loses the response of a write that succeeded: the create-only retry is
+    # refused, and the commit finds its own manifest there.
+    gcs = gcs_testbench.store("ckpt")
+    local = make_dir(tmp_path / "local", big_files())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # every file uploaded, no manifest
+        commit_checkpoint(Recording(gcs, fail=("write_bytes", 1)), local, "run", 1, metadata={})
+    test_id = gcs_testbench.retry_test({"storage.objects.insert": [fault]})
+    manifest = commit_checkpoint(gcs_testbench.store("ckpt", retry_test=test_id), local, "run", 1, metadata={})
+    gcs_testbench.assert_faults_injected(test_id)  # the manifest was its only upload
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+def test_a_download_survives_broken_streams(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
+    # Each fault costs a retry's back-off (up to 1 s): two of them.
+    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream", "return-503"]})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id)
+    dest = download_checkpoint(faulty, manifest, tmp_path / "restore", max_workers=1)
+    gcs_testbench.assert_faults_injected(test_id)
+    assert tree(dest) == big_files()
+
+
+def test_a_download_that_keeps_breaking_fails_and_leaves_no_partial_file(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
+    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream"] * 50})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id, retry_deadline=1)
+    dest = tmp_path / "restore" / "ckpt"
+    with pytest.raises(StorageError):
+        download_checkpoint(faulty, manifest, dest, max_workers=1)
+    assert list((tmp_path / "restore").iterdir()) == []
+    entry = manifest.files[0]
+    with pytest.raises(StorageError):
+        faulty.download_file(f"run/checkpoint-1/{entry.path}", tmp_path / "one" / entry.path,
+                             expected_crc32c=entry.crc32c, expected_size=entry.size)
+    assert list((tmp_path / "one").iterdir()) == []
 
 # -- outage ----------------------------------------------------------------------------------
 
