@@ -177,11 +177,20 @@ class Testbench:
 
 class _RetryTestStore(GcsStore):
     """A GcsStore whose client sends ``x-retry-test-id`` with every request (JSON API,
-    uploads and downloads alike: google-cloud-storage adds a client's extra headers to all)."""
+    uploads and downloads alike: google-cloud-storage adds a client's extra headers to all).
+
+    Its retries back off from 50 ms instead of the library's 1 s: the same retry decisions
+    (what is retried, the deadline), less waiting per injected fault.
+    """
 
     def __init__(self, *args: Any, retry_test_id: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.retry_test_id = retry_test_id
+
+    def _make_retries(self) -> tuple[Any, Any]:
+        retry, conditional = super()._make_retries()
+        conditional.retry_policy = conditional.retry_policy.with_delay(initial=0.05, maximum=1.0)
+        return retry.with_delay(initial=0.05, maximum=1.0), conditional
 
     def _make_client(self) -> Any:
         from google.auth.credentials import AnonymousCredentials

@@ -520,8 +520,7 @@ def test_a_commit_survives_a_fault_on_its_manifest_write(gcs_testbench, tmp_path
 def test_a_download_survives_broken_streams(gcs_testbench, tmp_path):
     gcs = gcs_testbench.store("ckpt")
     manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
-    # Each fault costs a retry's back-off (up to 1 s): two of them.
-    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream", "return-503"]})
+    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream", "return-503", "return-broken-stream"]})
     faulty = gcs_testbench.store("ckpt", retry_test=test_id)
     dest = download_checkpoint(faulty, manifest, tmp_path / "restore", max_workers=1)
     gcs_testbench.assert_faults_injected(test_id)
@@ -532,7 +531,7 @@ def test_a_download_that_keeps_breaking_fails_and_leaves_no_partial_file(gcs_tes
     gcs = gcs_testbench.store("ckpt")
     manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
     test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream"] * 50})
-    faulty = gcs_testbench.store("ckpt", retry_test=test_id, retry_deadline=1)
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id, retry_deadline=0.5)
     dest = tmp_path / "restore" / "ckpt"
     with pytest.raises(StorageError):
         download_checkpoint(faulty, manifest, dest, max_workers=1)
