@@ -18,12 +18,12 @@ conftest.py with ``from tests.gcs_server import gcs_server``.
 
 Emulator gaps (fake-gcs-server v1.54): ``if_generation_match`` (create-only
 ``=0`` and compare-and-swap ``=GEN`` alike) is enforced only for uploads of at
-most 8 MiB (larger ones are resumable and overwrite); ``delete`` ignores it
-(a stale conditional delete deletes), downloads too; a wrong declared crc32c
-is accepted; the filesystem back end writes an object
-named ``a/../../x`` outside its bucket folder (the memory back end keeps the
-name literally); no IAM, so no 403. Tests that need what it lacks run on
-Google's storage-testbench instead (tests/gcs_testbench.py).
+most 8 MiB (larger ones are resumable and overwrite); ``delete`` ignores it (a
+stale conditional delete deletes), and so do downloads; a wrong declared
+crc32c is accepted; the filesystem back end writes an object named
+``a/../../x`` outside its bucket folder (the memory back end keeps the name
+literally); no IAM, so no 403. Tests that need what it lacks run on Google's
+storage-testbench instead (tests/gcs_testbench.py).
 """
 
 from __future__ import annotations

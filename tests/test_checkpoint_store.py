@@ -1,9 +1,13 @@
-"""The checkpoint commit protocol, on a local folder and on a real fake-gcs-server."""
+"""The checkpoint commit protocol, on a local folder and on a real fake-gcs-server; with objects
+above 8 MiB (resumable uploads, whose preconditions fake-gcs-server ignores) and injected faults
+on Google's storage-testbench."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import random
 import shutil
 import threading
 import time
@@ -13,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.gcs_server import TEST_BUCKET, fake_gcs_server, gcs_server, store, tamper
+from tests.gcs_testbench import gcs_testbench
 from trainer.checkpoint_store import (
     MANIFEST_NAME,
     FileEntry,
@@ -33,12 +38,13 @@ from trainer.checkpoint_store import (
 from trainer.storage import (
     CorruptObjectError,
     PreconditionFailed,
+    StorageError,
     UnsafeObjectName,
     bytes_crc32c,
     open_store,
 )
 
-__all__ = ["gcs_server", "store"]  # fixtures used by name
+__all__ = ["gcs_server", "gcs_testbench", "store"]  # fixtures used by name
 
 FILES = {
     "model.safetensors": b"\x00weights" * 300,
@@ -381,6 +387,165 @@ def test_object_names_leading_outside_the_destination_are_refused(gcs_server, tm
     assert prune_checkpoints(gcs, "run", keep=1) == [1]
     assert [o.key for o in gcs.list("run/checkpoint-1/")] == []
 
+
+
+# -- large objects, on storage-testbench ------------------------------------------------------
+# Real checkpoints hold objects above 8 MiB, which the client uploads resumably: there
+# fake-gcs-server ignores create-only (tests/gcs_server.py), so these run on the testbench.
+
+MiB = 1 << 20
+
+
+@functools.cache
+def big_files() -> dict[str, bytes]:
+    """Two objects above 8 MiB and a small one sorting after them (uploads go in path order)."""
+    rng = random.Random(12)
+    return {
+        "model.safetensors": rng.randbytes(12 * MiB),
+        "optimizer.pt": rng.randbytes(9 * MiB),
+        "trainer_state.json": b'{"global_step": 1}',
+    }
+
+
+class PlantsFirst:
+    """Wraps a Store: just before the first upload of ``key``, ``data`` lands under that key
+    behind the commit's back (an earlier attempt's upload finishing after the listing, or a
+    retried request whose first attempt had succeeded)."""
+
+    def __init__(self, inner, key: str, data: bytes):
+        self.inner, self.key, self.data, self.planted = inner, key, data, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upload_file(self, local_path, key, **kwargs):
+        if key == self.key and not self.planted:
+            self.planted = True
+            tamper(self.inner, key, self.data)
+        return self.inner.upload_file(local_path, key, **kwargs)
+
+
+def test_large_checkpoint_round_trip(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata=METADATA)
+    assert list_checkpoints(gcs, "run") == [manifest] and latest_valid_checkpoint(gcs, "run") == manifest
+    verify_checkpoint(gcs, manifest)
+    assert tree(download_checkpoint(gcs, manifest, tmp_path / "restore")) == big_files()
+
+
+def test_a_commit_resumed_after_a_crash_keeps_identical_large_objects_and_replaces_changed_ones(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    local = make_dir(tmp_path / "local", big_files())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # every file uploaded, no manifest
+        commit_checkpoint(Recording(gcs, fail=("write_bytes", 1)), local, "run", 2, metadata={})
+    changed = big_files()["optimizer.pt"][:-1] + b"!"  # as another attempt's version: same size
+    tamper(gcs, "run/checkpoint-2/optimizer.pt", changed)
+
+    recording = Recording(gcs)
+    manifest = commit_checkpoint(recording, local, "run", 2, metadata={})
+    assert [key for name, key in recording.calls if name == "upload_file"] == ["run/checkpoint-2/optimizer.pt"]
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+@pytest.mark.parametrize("leftover", ["identical", "different"])
+def test_a_large_object_that_appears_during_the_commit_is_kept_if_identical_else_replaced(gcs_testbench, tmp_path, leftover):
+    gcs = gcs_testbench.store("ckpt")
+    key = "run/checkpoint-3/model.safetensors"
+    weights = big_files()["model.safetensors"]
+    recording = Recording(PlantsFirst(gcs, key, weights if leftover == "identical" else weights[: 9 * MiB]))
+    manifest = commit_checkpoint(recording, make_dir(tmp_path / "local", big_files()), "run", 3, metadata={})
+
+    # The create-only upload was refused (fake-gcs-server would have overwritten silently):
+    # the identical object is kept, the other one deleted and uploaded again.
+    calls = [name for name, k in recording.calls if k == key]
+    assert calls == (["upload_file"] if leftover == "identical" else ["upload_file", "delete", "upload_file"])
+    verify_checkpoint(gcs, manifest)
+
+
+def test_corruption_of_a_large_object_is_detected(gcs_testbench, tmp_path, caplog):
+    gcs = gcs_testbench.store("ckpt")
+    older = commit(gcs, tmp_path, 1)
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 2, metadata={})
+    weights = bytearray(big_files()["model.safetensors"])
+    weights[6 * MiB] ^= 1  # one bit, same size
+    tamper(gcs, "run/checkpoint-2/model.safetensors", bytes(weights))
+
+    with pytest.raises(CorruptObjectError, match="checkpoint-2/model.safetensors"):
+        verify_checkpoint(gcs, manifest)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint_store"):
+        assert latest_valid_checkpoint(gcs, "run") == older
+    assert "skipping checkpoint" in caplog.text
+    dest = make_dir(tmp_path / "restore" / "ckpt", {"previous.txt": b"keep me"})
+    with pytest.raises(CorruptObjectError, match="model.safetensors"):
+        download_checkpoint(gcs, manifest, dest)
+    assert tree(dest) == {"previous.txt": b"keep me"}
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["ckpt"]
+
+
+# -- injected faults (the testbench's Retry Test API) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(["return-503", "return-503"], id="503-twice"),
+        pytest.param(["return-503-after-256K"], id="503-after-256K-of-a-chunk"),
+        pytest.param(["return-broken-stream"], id="broken-stream-on-a-chunk"),
+    ],
+)
+def test_a_large_commit_survives_faults_on_its_uploads(gcs_testbench, tmp_path, faults):
+    test_id = gcs_testbench.retry_test({"storage.objects.insert": faults})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id)
+    # One upload at a time in path order: the first requests (and the first response with a
+    # body, which a broken stream cuts) are the resumable upload of the 12 MiB model.safetensors.
+    local = make_dir(tmp_path / "local", big_files())
+    manifest = commit_checkpoint(faulty, local, "run", 1, metadata={}, max_workers=1)
+    gcs_testbench.assert_faults_injected(test_id)
+    gcs = gcs_testbench.store("ckpt")
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+@pytest.mark.parametrize("fault", ["return-503", "return-broken-stream"])
+def test_a_commit_survives_a_fault_on_its_manifest_write(gcs_testbench, tmp_path, fault):
+    # A broken stream loses the response of a write that succeeded: the create-only retry is
+    # refused, and the commit finds its own manifest there.
+    gcs = gcs_testbench.store("ckpt")
+    local = make_dir(tmp_path / "local", big_files())
+    with pytest.raises(RuntimeError, match="simulated crash"):  # every file uploaded, no manifest
+        commit_checkpoint(Recording(gcs, fail=("write_bytes", 1)), local, "run", 1, metadata={})
+    test_id = gcs_testbench.retry_test({"storage.objects.insert": [fault]})
+    manifest = commit_checkpoint(gcs_testbench.store("ckpt", retry_test=test_id), local, "run", 1, metadata={})
+    gcs_testbench.assert_faults_injected(test_id)  # the manifest was its only upload
+    verify_checkpoint(gcs, manifest)
+    assert list_checkpoints(gcs, "run") == [manifest]
+
+
+def test_a_download_survives_broken_streams(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
+    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream", "return-503", "return-broken-stream"]})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id)
+    dest = download_checkpoint(faulty, manifest, tmp_path / "restore", max_workers=1)
+    gcs_testbench.assert_faults_injected(test_id)
+    assert tree(dest) == big_files()
+
+
+def test_a_download_that_keeps_breaking_fails_and_leaves_no_partial_file(gcs_testbench, tmp_path):
+    gcs = gcs_testbench.store("ckpt")
+    manifest = commit_checkpoint(gcs, make_dir(tmp_path / "local", big_files()), "run", 1, metadata={})
+    test_id = gcs_testbench.retry_test({"storage.objects.get": ["return-broken-stream"] * 50})
+    faulty = gcs_testbench.store("ckpt", retry_test=test_id, retry_deadline=0.5)
+    dest = tmp_path / "restore" / "ckpt"
+    with pytest.raises(StorageError):
+        download_checkpoint(faulty, manifest, dest, max_workers=1)
+    assert list((tmp_path / "restore").iterdir()) == []
+    entry = manifest.files[0]
+    with pytest.raises(StorageError):
+        faulty.download_file(f"run/checkpoint-1/{entry.path}", tmp_path / "one" / entry.path,
+                             expected_crc32c=entry.crc32c, expected_size=entry.size)
+    assert list((tmp_path / "one").iterdir()) == []
 
 # -- outage ----------------------------------------------------------------------------------
 

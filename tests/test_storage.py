@@ -6,6 +6,7 @@ the rest is GCS- or local-specific. No google-cloud-storage mocks.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.gcs_server import TEST_BUCKET, free_port, gcs_server, store, tamper
+from tests.gcs_testbench import gcs_testbench
 from trainer.storage import (
     CorruptObjectError,
     GcsStore,
@@ -34,7 +36,7 @@ from trainer.storage import (
     safe_local_path,
 )
 
-__all__ = ["gcs_server", "store"]  # fixtures used by name
+__all__ = ["gcs_server", "gcs_testbench", "store"]  # fixtures used by name
 
 BAD_KEYS = [
     "../../x",
@@ -104,8 +106,8 @@ def test_overwrite_replaces_without_create_only(store):
 
 
 def test_create_only_refuses_an_existing_object(store, tmp_path):
-    # Small objects only: the emulator enforces ifGenerationMatch=0 only for
-    # uploads <= 8 MiB (see test_emulator_gap_large_create_only).
+    # Small objects only: fake-gcs-server enforces ifGenerationMatch=0 only for
+    # uploads <= 8 MiB (see test_a_second_large_create_only_upload_is_refused).
     store.write_bytes("k", b"first", create_only=True)
     src = tmp_path / "f"
     src.write_bytes(b"second")
@@ -190,6 +192,151 @@ def test_check_access_succeeds_and_leaves_nothing(store):
     store.check_access()
     store.check_access(write=False)
     assert store.list() == []
+
+
+# -- generations and conditional writes --------------------------------------------------
+# fake-gcs-server v1.54 enforces ifGenerationMatch only on uploads of at most 8 MiB, and not on
+# deletes (tests/gcs_server.py): `cas_store` adds the testbench to the usual back ends, and
+# `strict_store` replaces fake-gcs-server by it.
+
+
+def _open_test_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path):
+    if kind == "local":
+        return open_store(str(tmp_path / "local-store"))
+    request.getfixturevalue("gcs_server" if kind == "fake-gcs-server" else "gcs_testbench")
+    return open_store(f"gs://{TEST_BUCKET}/prefix", retry_deadline=10, timeout=10)
+
+
+@pytest.fixture(params=["local", "fake-gcs-server", "testbench"])
+def cas_store(request, tmp_path):
+    """Back ends that enforce conditional writes of small objects."""
+    return _open_test_store(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["local", "testbench"])
+def strict_store(request, tmp_path):
+    """Back ends that enforce conditional deletes too."""
+    return _open_test_store(request.param, request, tmp_path)
+
+
+def test_every_write_gives_a_new_generation_that_every_info_reports(cas_store, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"same")
+    first = cas_store.write_bytes("k", b"same")
+    assert first.generation
+    assert cas_store.info("k").generation == first.generation
+    assert [o.generation for o in cas_store.list()] == [first.generation]
+    # The same bytes again, by every kind of write: a new generation each time, never an old one
+    # (a local file system reuses inodes).
+    generations = [first.generation, cas_store.upload_file(src, "k").generation]
+    for _ in range(20):
+        generations.append(cas_store.write_bytes("k", b"same").generation)
+    assert len(set(generations)) == len(generations)
+    assert cas_store.info("k").generation == generations[-1]
+    assert cas_store.write_bytes("new", b"x", create_only=True).generation == cas_store.info("new").generation
+
+
+def test_compare_and_swap_succeeds_only_from_the_current_generation(cas_store):
+    first = cas_store.write_bytes("k", b"v1")
+    second = cas_store.write_bytes("k", b"v2", if_generation=first.generation)
+    assert second.generation not in (None, first.generation)
+    assert cas_store.read_bytes("k") == b"v2" and cas_store.info("k").generation == second.generation
+
+    with pytest.raises(PreconditionFailed, match=f"no longer at generation {first.generation}"):
+        cas_store.write_bytes("k", b"stale", if_generation=first.generation)
+    assert cas_store.read_bytes("k") == b"v2"
+
+    rewritten = cas_store.write_bytes("k", b"someone else")
+    with pytest.raises(PreconditionFailed):
+        cas_store.write_bytes("k", b"late", if_generation=second.generation)
+    cas_store.delete("k")
+    with pytest.raises(PreconditionFailed):
+        cas_store.write_bytes("k", b"after delete", if_generation=rewritten.generation)
+    with pytest.raises(PreconditionFailed):
+        cas_store.write_bytes("never/written", b"x", if_generation=rewritten.generation)
+    assert not cas_store.exists("k") and not cas_store.exists("never/written")
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        cas_store.write_bytes("k", b"x", create_only=True, if_generation=first.generation)
+    with pytest.raises(ValueError, match="not a generation"):
+        cas_store.write_bytes("k", b"x", if_generation="0")  # would mean create-only on GCS
+
+
+def test_conditional_delete_needs_the_current_generation(strict_store):
+    first = strict_store.write_bytes("dir/k", b"v1")
+    second = strict_store.write_bytes("dir/k", b"v2")
+    with pytest.raises(PreconditionFailed, match=f"no longer at generation {first.generation}"):
+        strict_store.delete("dir/k", if_generation=first.generation)
+    assert strict_store.read_bytes("dir/k") == b"v2"
+
+    strict_store.delete("dir/k", if_generation=second.generation)
+    assert not strict_store.exists("dir/k")
+    with pytest.raises(PreconditionFailed):  # gone: someone else changed it
+        strict_store.delete("dir/k", if_generation=second.generation)
+    with pytest.raises(PreconditionFailed):
+        strict_store.delete("nowhere/k", if_generation=second.generation)
+    strict_store.delete("dir/k")  # unconditional: missing is fine
+    with pytest.raises(ValueError, match="not a generation"):
+        strict_store.delete("dir/k", if_generation="")
+    assert strict_store.list() == []
+
+
+def test_read_with_info_returns_the_generation_of_that_content(cas_store):
+    written = cas_store.write_bytes("k", b"v1")
+    data, info = cas_store.read_with_info("k")
+    assert data == b"v1"
+    assert (info.key, info.size, info.crc32c, info.generation) == ("k", 2, bytes_crc32c(b"v1"), written.generation)
+    cas_store.write_bytes("k", b"v2", if_generation=info.generation)
+    assert cas_store.read_with_info("k")[0] == b"v2"
+    with pytest.raises(NotFound):
+        cas_store.read_with_info("missing")
+
+
+def test_read_with_info_pairs_content_and_generation_while_a_writer_rewrites(cas_store):
+    written: dict[str, bytes] = {}
+    done = threading.Event()
+
+    def rewrite() -> None:
+        try:
+            for i in range(30):
+                data = f"version {i}".encode()
+                written[cas_store.write_bytes("k", data).generation] = data
+                time.sleep(0.002)
+        finally:
+            done.set()
+
+    written[cas_store.write_bytes("k", b"first").generation] = b"first"
+    reads = []
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    while not done.is_set():
+        with contextlib.suppress(TransientStorageError):  # changed twice while read: allowed
+            reads.append(cas_store.read_with_info("k"))
+    writer.join()
+    assert reads
+    assert [written[info.generation] for data, info in reads] == [data for data, _ in reads]
+
+
+def test_one_of_racing_compare_and_swap_writers_wins(cas_store):
+    n = 8
+    for round_ in range(10):
+        base = cas_store.write_bytes("race", b"base")
+        start = threading.Barrier(n)
+
+        def swap(i: int, base=base, start=start, round_=round_):
+            start.wait()
+            try:
+                return cas_store.write_bytes("race", f"{round_}: writer {i}".encode(), if_generation=base.generation)
+            except PreconditionFailed:
+                return None
+
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            results = list(pool.map(swap, range(n)))  # any other error is raised here
+        winners = [i for i, r in enumerate(results) if r is not None]
+        assert len(winners) == 1, results
+        data, info = cas_store.read_with_info("race")
+        assert data == f"{round_}: writer {winners[0]}".encode()
+        assert info.generation == results[winners[0]].generation
 
 
 # -- safe_local_path ----------------------------------------------------------------
@@ -347,15 +494,27 @@ def test_google_errors_are_translated():
     assert "bucket gs://b does not exist" in str(bucket_missing)
 
 
-@pytest.mark.xfail(strict=True, reason="emulator gap: ifGenerationMatch=0 ignored for resumable uploads > 8 MiB")
-def test_emulator_gap_large_create_only(gcs_server, tmp_path):
-    big = tmp_path / "big"
-    big.write_bytes(b"\x01" * (8 * 1024 * 1024 + 1))
-    gcs = open_store(f"gs://{TEST_BUCKET}/big")
-    gcs.upload_file(big, "k", create_only=True)
-    with pytest.raises(PreconditionFailed):
-        gcs.upload_file(big, "k", create_only=True)
+def test_a_second_large_create_only_upload_is_refused(gcs_testbench, tmp_path):
+    # On the testbench: fake-gcs-server lets resumable uploads (> 8 MiB) overwrite (tests/gcs_server.py).
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(b"\x01" * (9 << 20))
+    second.write_bytes(b"\x02" * (9 << 20))
+    gcs = gcs_testbench.store("big")
+    stored = gcs.upload_file(first, "k", create_only=True)
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        gcs.upload_file(second, "k", create_only=True)
+    assert gcs.info("k").crc32c == stored.crc32c == file_crc32c(first)
 
+
+
+def test_large_compare_and_swap_is_enforced(gcs_testbench):
+    # Above 8 MiB the client uploads resumably, where fake-gcs-server ignores ifGenerationMatch.
+    gcs = gcs_testbench.store("big")
+    first = gcs.write_bytes("k", b"\x01" * (9 << 20))
+    second = gcs.write_bytes("k", b"\x02" * (9 << 20), if_generation=first.generation)
+    with pytest.raises(PreconditionFailed):
+        gcs.write_bytes("k", b"\x03" * (9 << 20), if_generation=first.generation)
+    assert gcs.info("k").generation == second.generation
 
 # -- local only --------------------------------------------------------------------------
 
@@ -370,6 +529,43 @@ def test_local_writes_leave_no_temporary_files(tmp_path):
     assert [o.key for o in local.list()] == ["a/b"]
     local.delete("a/b")
     assert not (tmp_path / "s" / "a" / "b").exists()
+
+
+def test_local_compare_and_swap_loses_no_update_among_processes(tmp_path):
+    # Processes add to a counter by read_with_info + compare-and-swap, retrying when another won:
+    # a swap that was not atomic would lose increments.
+    root, go = tmp_path / "s", tmp_path / "go"
+    open_store(str(root)).write_bytes("counter", b"0")
+    code = """if True:
+        import os, sys, time
+        from trainer.storage import PreconditionFailed, bytes_crc32c, open_store
+        root, go, me, times = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+        store, _ = open_store(root), bytes_crc32c(b"")  # imports done before the start
+        open(f"{go}.{me}", "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.0005)
+        done = 0
+        while done < times:
+            data, info = store.read_with_info("counter")
+            try:
+                store.write_bytes("counter", str(int(data) + 1).encode(), if_generation=info.generation)
+                done += 1
+            except PreconditionFailed:
+                pass
+    """
+    n, times = 4, 25
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(root), str(go), f"p{i}", str(times)],
+                         cwd=Path(__file__).resolve().parents[1])
+        for i in range(n)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{go}.p{i}").exists() for i in range(n)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    assert [p.wait(timeout=60) for p in procs] == [0] * n
+    assert open_store(str(root)).read_bytes("counter") == str(n * times).encode()
+    assert [o.key for o in open_store(str(root)).list()] == ["counter"]  # the lock file is hidden
 
 
 def test_local_list_without_checksums(tmp_path):
