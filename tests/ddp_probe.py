@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -69,8 +70,8 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
     import torch.distributed as dist
     from transformers import set_seed
 
+    from trainer import jobs
     from trainer.config import load_config
-    from trainer.jobs import load_tokenizer, prepare_tasks, tokenize_tasks
     from trainer.model import MultitaskModel, load_encoder
     from trainer.tasks import resolve_tasks
     from trainer.training import MultitaskTrainer, build_training_args
@@ -86,10 +87,31 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
         },
         environ={}, env_file="",
     )
-    specs, raw = prepare_tasks(cfg, resolve_tasks(cfg), need_train=True)
+    args = build_training_args(cfg, precision="fp32")
+    # The arguments as `trainer.jobs.train` builds them: do they make this process a DDP rank?
+    as_built = {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode)}
+    launched = int(os.environ["WORLD_SIZE"])
+    overridden = args.world_size != launched
+    if overridden:
+        # On a machine without CUDA, accelerate only sets up multi-process training when told the
+        # job is CPU-only; say so, so the rest of the pipeline is still checked under DDP.
+        args = dataclasses.replace(args, use_cpu=True)
+    # When did this rank read and tokenize the data? (One rank per node first, then the others.)
+    data_times: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def run(*a, **k):
+            started = time.time()
+            result = fn(*a, **k)
+            data_times[name] = [started, time.time()]
+            return result
+        return run
+
+    jobs.prepare_tasks = timed("read", jobs.prepare_tasks)
+    jobs.tokenize_tasks = timed("tokenize", jobs.tokenize_tasks)
+    specs, raw = jobs.load_data(cfg, resolve_tasks(cfg), args)
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model_name, specs)
-    tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
+    tokenizer, tasks = jobs.tokenize_data(cfg, specs, raw, args)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
     initial = checksum(model.state_dict())
 
@@ -106,15 +128,6 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
             steps.append({"global_step": self.state.global_step, "task": task, "batch_size": size, "loss": float(loss)})
             return loss
 
-    args = build_training_args(cfg, precision="fp32")
-    # The arguments as `trainer.jobs.train` builds them: do they make this process a DDP rank?
-    as_built = {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode)}
-    launched = int(os.environ["WORLD_SIZE"])
-    overridden = args.world_size != launched
-    if overridden:
-        # On a machine without CUDA, accelerate only sets up multi-process training when told the
-        # job is CPU-only; say so, so the rest of the pipeline is still checked under DDP.
-        args = dataclasses.replace(args, use_cpu=True)
     trainer = ProbeTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
     trainer.train()
     rank = args.process_index
@@ -126,7 +139,7 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
         "process_group_backends": dist.get_backend_config() if dist.is_initialized() else None,
         "should_save": args.should_save, "tasks": [t.name for t in tasks], "sizes": [len(t.train) for t in tasks],
         "batch_sizes": [t.spec.batch_size or cfg.train_batch_size for t in tasks],
-        "global_step": trainer.state.global_step, "steps": steps, "drawn": drawn,
+        "global_step": trainer.state.global_step, "steps": steps, "drawn": drawn, "data_times": data_times,
         "initial_checksum": initial, "final_checksum": checksum(trainer.model.state_dict()),
         "model_is_wrapped": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
     }

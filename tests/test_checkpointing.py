@@ -355,6 +355,39 @@ def test_outage_mid_training_loses_no_checkpoint(tiny_model, small_tasks, tmp_pa
         assert cs.read_final(store, RUN) is not None
 
 
+def test_a_non_finite_loss_stops_the_run_with_one_line_and_keeps_the_last_good_checkpoint(tiny_model, small_tasks, tmp_path):
+    args = flags(tiny_model, small_tasks, tmp_path / "out", learning_rate=1e9, warmup_ratio=0, max_grad_norm=0,
+                 save_strategy="steps", save_steps=1, eval_strategy="no", load_best_model_at_end=False)
+    done = train(*args)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "non-finite training loss (nan) at step 2" in errors[0], done.stderr[-2000:]
+    assert "the last committed checkpoint (step 1) is kept" in errors[0]
+    assert committed_steps(str(tmp_path / "out")) == [1]
+    assert not (tmp_path / "out" / RUN / "final").exists()  # no NaN model committed as the final one
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_a_full_disk_stops_the_run_with_one_line_and_a_restart_elsewhere_resumes(tiny_model, small_tasks, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], check=True)
+    store = tmp_path / "store"  # the checkpoint store has room; OUTPUT_DIR's disk holds one checkpoint
+    extra = dict(save_strategy="steps", save_steps=2, eval_strategy="no", load_best_model_at_end=False)
+    try:
+        full = train(*flags(tiny_model, small_tasks, disk / "out", str(store), **extra))
+        assert full.returncode == 2, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "no space left for checkpoint-4" in errors[0] and "OUTPUT_DIR" in errors[0], errors
+        assert committed_steps(str(store)) == [2]
+        assert not (disk / "out" / RUN / ".trainer" / "checkpoint-4").exists()  # nothing half-written left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    resumed = train(*flags(tiny_model, small_tasks, tmp_path / "bigger-disk", str(store), **extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 2)" in resumed.stdout + resumed.stderr
+
+
 # ------------------------------------------------------------------------------ pull
 def test_pull_lists_and_downloads_into_a_users_folder_without_touching_its_files(gcs_server, tiny_model, small_tasks, tmp_path):
     from transformers import AutoModelForSequenceClassification

@@ -170,3 +170,11 @@ def test_only_rank_zero_writes_the_final_model(ddp_run):
     # The file holds the trained, synchronised weights.
     assert checksum(load_file(str(saved / "model.safetensors"))) == records[0]["final_checksum"]
     assert Path(saved / "multitask.json").read_text().count('"name"') == len(TASKS)
+
+
+def test_one_rank_per_node_reads_and_tokenizes_the_data_before_the_others(ddp_run):
+    # All ranks reading the files (or the Hub) and tokenizing at once multiplies the load; the
+    # node's main process goes first and the others then read the datasets cache.
+    first, second = ddp_run["records"][0]["data_times"], ddp_run["records"][1]["data_times"]
+    for stage in ("read", "tokenize"):
+        assert second[stage][0] >= first[stage][1], f"rank 1 started to {stage} before rank 0 had finished"

@@ -581,3 +581,21 @@ def test_local_check_access_names_an_unusable_folder(tmp_path):
     with pytest.raises(PermanentStorageError, match="CHECKPOINT_URI") as info:
         local.check_access()
     assert str(tmp_path / "file" / "store") in str(info.value)
+
+
+def test_stored_and_downloaded_files_get_the_usual_permissions(tmp_path):
+    # mkstemp makes 0600 files: committed checkpoints and pulled models would be private to one user.
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    store = open_store(str(tmp_path / "store"))
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"w" * 10)
+    store.upload_file(src, "a/w.bin", create_only=True)
+    store.write_bytes("a/m.json", b"{}")
+    down = store.download_file("a/w.bin", tmp_path / "down" / "w.bin")
+    for path in (tmp_path / "store" / "a" / "w.bin", tmp_path / "store" / "a" / "m.json", down):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

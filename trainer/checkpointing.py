@@ -32,6 +32,7 @@ This module never sees a GCS type: it talks to `trainer.storage.Store` only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -100,7 +101,7 @@ class BackgroundCommitter:
         self._closed = False
         self.committed: list[int] = []
         self.failed: list[tuple[int, str]] = []
-        self.fenced: LeaseLost | None = None
+        self.fenced: Exception | None = None  # why no commit may be tried any more (LeaseLost, a full disk)
         self._thread = threading.Thread(target=self._work, name="checkpoint-commit", daemon=True)
         self._thread.start()
 
@@ -149,7 +150,12 @@ class BackgroundCommitter:
             self.fenced = e
             self.failed.append((job.step, str(e)))
             logger.error("checkpoint-%d was not committed: %s", job.step, e)
-        except (StorageError, OSError, ValueError) as e:
+        except OSError as e:
+            self.failed.append((job.step, str(e)))
+            logger.error("checkpoint-%d was not committed: %s", job.step, e)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full local store: no later commit can succeed
+                self.fenced = e
+        except (StorageError, ValueError) as e:
             # Training goes on; the library already retried transient errors. The next save
             # commits a newer state, and the job reports the failure when it finishes.
             self.failed.append((job.step, str(e)))
@@ -235,7 +241,7 @@ class CheckpointSync(TrainerCallback):
         self._saved: set[int] = set()
 
     @property
-    def fenced(self) -> LeaseLost | None:
+    def fenced(self) -> Exception | None:
         return self.committer.fenced if self.committer is not None else None
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -65,7 +65,7 @@ class Commands:
         """Export each task (or --task) as a standalone Hugging Face model folder.
 
         The folder loads with AutoModelFor<type>.from_pretrained and transformers.pipeline, with no
-        code from this project. Default output: <checkpoint>/export/<task>.
+        code from this project. Default output: <checkpoint>-export/<task>, beside the checkpoint (never inside a committed folder).
         """
         from . import jobs
 
@@ -139,6 +139,13 @@ def _relaunch_under_torchrun_if_needed() -> None:
         os.execv(argv[0], argv)
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that its line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--help", "-h") for a in argv) and "--" not in argv:
@@ -147,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fire.Fire(Commands(), command=argv, name="trainer")
     except (ConfigError, TaskError, StorageError, ResumeError, LaunchError, CloudConfigError) as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
+        _end_progress_bars()
+        where = f" ({e.filename})" if e.filename and e.filename not in e.strerror else ""
         print(f"error: {e.strerror}{where}: free space on that disk or point OUTPUT_DIR at a bigger one; "
               "committed checkpoints are kept and the next start resumes from the newest", file=sys.stderr)
         return 2
     except (CloudApiError, CloudJobFailed, CheckpointError) as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

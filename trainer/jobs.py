@@ -71,6 +71,20 @@ def tokenize_tasks(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenize
     return tasks
 
 
+def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec], list[dict]]:
+    """Load and check every task's training data, the node's main process first: the others then
+    read the datasets cache instead of every rank reading the files (or the Hub) at once."""
+    with args.main_process_first(local=True, desc="loading the data"):
+        return prepare_tasks(cfg, specs, need_train=True)
+
+
+def tokenize_data(cfg: Config, specs: list[TaskSpec], raw: list[dict], args) -> tuple[Any, list[TaskData]]:
+    """The tokenizer and the tokenized tasks, the node's main process first (then the cache)."""
+    with args.main_process_first(local=True, desc="tokenizing the data"):
+        tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
+        return tokenizer, tokenize_tasks(cfg, specs, raw, tokenizer)
+
+
 def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str = "eval") -> dict[str, Any]:
     """Compare each task's metrics with what a constant guess scores, and log a table."""
     report: dict[str, Any] = {}
@@ -161,10 +175,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
     if tensorboard:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
     args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
-    # Bad data stops the job before it writes anything; the node's main process reads first, and
-    # the others then read the datasets cache instead of all reading (and tokenizing) at once.
-    with args.main_process_first(local=True, desc="loading the data"):
-        specs, raw = prepare_tasks(cfg, specs, need_train=True)
+    specs, raw = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
         lock = LocalRunLock(cfg.run_dir)
@@ -174,9 +185,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             lease = RunLease(store, run, seconds=cfg.run_lease_seconds)
             lease.acquire()
         try:
-            with args.main_process_first(local=True, desc="tokenizing the data"):
-                tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
-                tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
+            tokenizer, tasks = tokenize_data(cfg, specs, raw, args)
             set_seed(cfg.seed)
             model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)

@@ -50,6 +50,20 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class StorageError(Exception):
     """Base class of every error raised by this module."""
 
@@ -346,6 +360,7 @@ class Store(abc.ABC):
         dest = Path(local_path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make every downloaded file private
         try:
             with os.fdopen(fd, "wb") as f:
                 self._download_to(key, f)
@@ -515,6 +530,7 @@ class LocalStore(Store):
         with self._errors(key):
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=_TMP_PREFIX)
+            os.fchmod(fd, _FILE_MODE)  # as any file this process creates, not mkstemp's 0600
             try:
                 with os.fdopen(fd, "wb") as f:
                     crc = fill(f)

@@ -8,7 +8,9 @@ schedulers, mixed precision, logging, checkpoint rotation and resumption are `Tr
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -238,9 +240,60 @@ class MultitaskTrainer(Trainer):
 
     # ---------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        folder = Path(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            check_free_space(folder, self._bytes_to_save(weights_only=True))
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).write_description(Path(output_dir or self.args.output_dir))
+            self.accelerator.unwrap_model(self.model).write_description(folder)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint save, refused with one clear error before it writes when the
+        disk cannot hold the checkpoint (a full disk otherwise ends in torch's
+        'unexpected pos' RuntimeError, with a half-written folder)."""
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        need = self._bytes_to_save(weights_only=False)
+        if self.args.should_save:
+            check_free_space(folder, need)
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as e:
+            if not self.args.should_save or _free_bytes(folder) >= need:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)  # scratch, never committed: do not leave it half-written
+            raise DiskFull(folder, need, _free_bytes(folder)) from e
+        if self.args.should_save and folder.is_dir():
+            self._checkpoint_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    def _bytes_to_save(self, *, weights_only: bool) -> int:
+        """About what a save writes: the last checkpoint's size, else the weights plus two AdamW
+        moments per trainable parameter."""
+        if not weights_only and getattr(self, "_checkpoint_bytes", None):
+            return self._checkpoint_bytes
+        params = list(self.accelerator.unwrap_model(self.model).parameters())
+        weights = sum(p.numel() * p.element_size() for p in params)
+        moments = 0 if weights_only else sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+        return weights + moments + (64 << 10)
+
+
+class DiskFull(OSError):
+    """The disk of the Trainer's folder cannot hold what is about to be saved (errno ENOSPC)."""
+
+    def __init__(self, folder: Path, need: int, free: int):
+        super().__init__(errno.ENOSPC, f"no space left for {folder.name} on the disk of {folder.parent}: it needs about "
+                                       f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free", str(folder))
+
+
+def _free_bytes(path: Path) -> int:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    """Raises DiskFull when the disk that will hold `folder` has less than `need` bytes free."""
+    free = _free_bytes(folder)
+    if free < need:
+        raise DiskFull(folder, need, free)
 
 
 class _Tagged(torch.utils.data.Dataset):
