@@ -227,7 +227,9 @@ def test_kill_9_then_restart_on_a_new_disk_gives_the_uninterrupted_final_model(c
     if point in ("mid_upload", "before_manifest"):
         assert step in run["incomplete"]  # objects without a manifest: never resumed
     assert run["restarted"].returncode == 0, run["restarted"].stderr[-3000:]
-    assert f"(step {resumes_from})" in run["restarted"].stdout + run["restarted"].stderr
+    restarted = run["restarted"].stdout + run["restarted"].stderr
+    assert f"(step {resumes_from})" in restarted
+    assert "taking over run ckpt from pid" in restarted  # the killed job's lease, left behind, is stale
     assert_same_weights(weights(run["base"] / "vm2" / RUN), crash_baseline)
     assert committed_steps(run["uri"]) == [BEST_STEP, LAST_STEP]  # the best survived pruning, also after a resume
     assert cs.verify_local(run["base"] / "vm2" / RUN / "final").step == LAST_STEP
@@ -243,6 +245,22 @@ def test_pull_best_returns_the_checkpoint_with_the_best_macro_average(crash_runs
     listed = run_cli("pull", "--list", f"--checkpoint_uri={run['uri']}", f"--run_name={RUN}",
                      env={"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]})
     assert re.search(rf"checkpoint-{BEST_STEP}\s.*best", listed.stdout), listed.stdout
+
+
+def test_a_restart_at_max_steps_in_mid_epoch_trains_no_further(tiny_model, small_tasks, tmp_path):
+    # MAX_STEPS=4 ends inside the first epoch (8 steps): the Trainer checks for its last step only
+    # after running one, so a resume from checkpoint-4 used to train step 5 too.
+    uninterrupted = train(*flags(tiny_model, small_tasks, tmp_path / "a", max_steps=4))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    args = flags(tiny_model, small_tasks, tmp_path / "b", max_steps=4)
+    crashed = train(*args, env={"TRAINER_CRASH_AT": "mid_export:4"})
+    assert crashed.returncode == -signal.SIGKILL
+    restarted = train(*args)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "(step 4)" in restarted.stdout + restarted.stderr
+    assert committed_steps(str(tmp_path / "b")) == [4]
+    assert cs.verify_local(tmp_path / "b" / RUN / "final").step == 4
+    assert_same_weights(weights(tmp_path / "b" / RUN), weights(tmp_path / "a" / RUN))
 
 
 # ------------------------------------------------------------------------------ reruns and run identity
@@ -386,6 +404,25 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_restart_elsewhere_resumes
     resumed = train(*flags(tiny_model, small_tasks, tmp_path / "bigger-disk", str(store), **extra))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 2)" in resumed.stdout + resumed.stderr
+
+
+def test_a_read_only_output_dir_beside_a_separate_store_stops_before_anything_is_loaded(tiny_model, small_tasks, tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    if os.geteuid() == 0:  # root writes through permissions: a read-only file system it is
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)], check=True)
+    else:
+        readonly.chmod(0o555)
+    try:
+        done = train(*flags(tiny_model, small_tasks, readonly / "outputs", str(tmp_path / "store")))
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(readonly)], check=True)
+        readonly.chmod(0o755)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("error: OUTPUT_DIR=") and "not writable" in line, line
+    assert "Tokenizing" not in done.stdout and not (tmp_path / "store").exists()
 
 
 # ------------------------------------------------------------------------------ pull

@@ -192,7 +192,7 @@ def test_docker_local_train_commits_checkpoints_to_the_bucket(image, gcs_server,
     latest = latest_valid_checkpoint(store, "docker-demo")
     assert latest is not None and latest.step == 6, out[-3000:]
     verify_checkpoint(store, latest)
-    assert {"optimizer.pt", "trainer_state.json", "sampler_state.json"} <= {Path(f.path).name for f in latest.files}
+    assert {"optimizer.pt", "trainer_state.json", "run_identity.json"} <= {Path(f.path).name for f in latest.files}
     final = read_final(store, "docker-demo")
     assert final is not None
     verify_checkpoint(store, final)

@@ -283,7 +283,7 @@ class CheckpointSync(TrainerCallback):
         self.committer.submit(_Job(step, staged, metadata))
 
     def finish(self, timeout: float | None = None) -> bool:
-        """Wait for the last commit; True when every save was committed in time."""
+        """Wait for the last commit (again: it returns at once); True when every save was committed in time."""
         if self.committer is None:
             return True
         done = self.committer.wait(timeout)

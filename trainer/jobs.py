@@ -176,7 +176,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
     args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
     specs, raw = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
-    lock = lease = None
+    lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
         lock = LocalRunLock(cfg.run_dir)
         lock.acquire()
@@ -221,6 +221,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
                 return {"run": run, "preempted": True, "step": trainer.state.global_step}
             return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir))
         finally:
+            if sync is not None:  # whatever stopped the job: let a commit in flight finish first
+                sync.finish(timeout=cfg.preemption_grace_seconds)
             if lease is not None:
                 lease.release()
     finally:
@@ -232,15 +234,14 @@ def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
     import hashlib
 
     from .checkpointing import data_fingerprint, run_identity
-    from .data import example_lengths
 
     sampler = trainer.make_batch_sampler()
     tasks = []
-    for task, batch_size in zip(trainer.tasks, sampler.batch_sizes):
+    for task, batch_size, lengths in zip(trainer.tasks, sampler.batch_sizes, trainer.train_lengths()):
         declaration = {k: v for k, v in task.spec.to_dict().items() if k not in ("files", "hub", "hub_config", "splits", "metrics")}
         tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
-                      "data": data_fingerprint(example_lengths(task.train), task.train["labels"])})
+                      "data": data_fingerprint(lengths, task.train["labels"])})
     return run_identity(cfg, precision=precision, world_size=trainer.args.world_size,
                         drop_last=trainer.args.dataloader_drop_last, tasks=tasks)
 

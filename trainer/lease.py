@@ -276,6 +276,10 @@ class LocalRunLock:
             os.close(fd)
             raise LeaseHeld(f"{self.path.parent} is in use by {other}: wait for it to finish, stop it, "
                             "or set another RUN_NAME or OUTPUT_DIR") from None
+        except OSError as e:  # a file system without locks (some FUSE mounts): the store's lease still fences
+            os.close(fd)
+            logger.warning("cannot lock %s (%s): relying on the run's lease in the checkpoint store", self.path, e)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd

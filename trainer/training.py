@@ -133,11 +133,17 @@ class MultitaskTrainer(Trainer):
             seed=args.data_seed if args.data_seed is not None else args.seed,
             num_replicas=args.world_size,
             rank=args.process_index,
-            lengths=[example_lengths(t.train) for t in self.tasks] if cfg.group_by_length else None,
+            lengths=self.train_lengths() if cfg.group_by_length else None,
             group_by_length=cfg.group_by_length,
             drop_last=args.dataloader_drop_last,
             limit=self._epoch_batch_limit,
         )
+
+    def train_lengths(self) -> list:
+        """Token count of every training example, per task (read once: a pass over the data)."""
+        if getattr(self, "_train_lengths", None) is None:
+            self._train_lengths = [example_lengths(t.train) for t in self.tasks]
+        return self._train_lengths
 
     def _epoch_batch_limit(self, epoch: int, batches: int) -> int | None:
         """Batches of `epoch` (of `batches` per epoch) up to the run's last step; None: all of them.
