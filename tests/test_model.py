@@ -129,6 +129,24 @@ def test_each_task_type_runs_and_trains_the_shared_encoder(family):
         assert all(p.grad is None for p in others), "a batch of one task must not touch the other heads"
 
 
+def test_forward_returns_only_the_loss_and_the_logits():
+    # An encoder configured to return hidden states and attentions: evaluation must still get the
+    # logits alone as predictions, never a tuple with them first.
+    config = FAMILIES["bert"]()
+    config.output_hidden_states = config.output_attentions = True
+    model = MultitaskModel(AutoModel.from_config(config), one_task_of_each_type())
+    for name, spec in model.specs.items():
+        head_output = model.heads[name](**random_inputs(spec), return_dict=True)
+        assert head_output.hidden_states is not None  # the head alone returns them
+        out = model(task=name, **random_inputs(spec))
+        assert type(out) is type(head_output)
+        assert list(out.keys()) == ["loss", "logits"], f"{spec.type}: {list(out.keys())}"
+        assert out.to_tuple()[1] is out.logits
+        inputs = random_inputs(spec)
+        inputs.pop("labels")
+        assert list(model(task=name, **inputs).keys()) == ["logits"]
+
+
 def test_an_architecture_without_the_types_auto_class_is_a_clear_error():
     # DeBERTa (v1) has sequence and token classification heads but no AutoModelForMultipleChoice.
     encoder = AutoModel.from_config(DebertaConfig(vocab_size=VOCAB, max_position_embeddings=32, **LAYERS))

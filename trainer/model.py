@@ -85,9 +85,18 @@ class MultitaskModel(nn.Module):
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
     def forward(self, task: str, **inputs):
+        """Run `task`'s head: its usual `ModelOutput` with the loss (given labels) and the logits only.
+
+        Hidden states and attentions are dropped so that evaluation's predictions are always the
+        logits array (the Trainer would otherwise gather a tuple of every output).
+
+        Raises:
+            KeyError: unknown task.
+        """
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
-        return self.heads[task](**inputs, return_dict=True)
+        out = self.heads[task](**inputs, return_dict=True)
+        return type(out)(loss=out.loss, logits=out.logits)
 
     # ---------------------------------------------------------------- saving and loading
     def describe(self) -> dict:
