@@ -60,7 +60,7 @@ def test_types_are_parsed():
         ({"task_weights": "stsb=0"}, "TASK_WEIGHTS"),
         ({"task_weights": "stsb"}, "TASK_WEIGHTS"),
         ({"sampling_temperature": 0}, "SAMPLING_TEMPERATURE=0"),
-        ({"tasks": ""}, "TASKS"),
+        ({"tasks": ","}, "TASKS"),
         ({"tasks": "rte,rte"}, "TASKS"),
         ({"warmup_ratio": 1.5}, "WARMUP_RATIO=1.5"),
         ({"eval_strategy": "sometimes"}, "EVAL_STRATEGY"),
@@ -75,6 +75,17 @@ def test_types_are_parsed():
         ({"checkpoint_uri": "s3://bucket/x"}, "CHECKPOINT_URI"),
         ({"resume": "sometimes"}, "RESUME"),
         ({"replica_count": 0}, "REPLICA_COUNT=0"),
+        # Every float setting must be finite, whatever its own range check says.
+        ({"learning_rate": "inf"}, "LEARNING_RATE='inf'"),
+        ({"num_train_epochs": "inf"}, "NUM_TRAIN_EPOCHS='inf'"),
+        ({"preemption_grace_seconds": "inf"}, "PREEMPTION_GRACE_SECONDS='inf'"),
+        ({"storage_retry_deadline": "Infinity"}, "STORAGE_RETRY_DEADLINE='Infinity'"),
+        ({"sampling_temperature": "inf"}, "SAMPLING_TEMPERATURE='inf'"),
+        ({"max_grad_norm": "nan"}, "MAX_GRAD_NORM='nan'"),
+        ({"weight_decay": "-inf"}, "WEIGHT_DECAY='-inf'"),
+        ({"learning_rate": float("nan")}, "LEARNING_RATE=nan"),
+        ({"task_weights": "stsb=inf,rte=1", "tasks": "stsb,rte", "sampling": "weights"}, "TASK_WEIGHTS='stsb=inf,rte=1'"),
+        ({"task_weights": "stsb=nan"}, "TASK_WEIGHTS='stsb=nan'"),
     ],
 )
 def test_bad_values_name_the_setting(flags, named):
@@ -83,6 +94,31 @@ def test_bad_values_name_the_setting(flags, named):
     message = str(err.value)
     assert named in message
     assert "\n" not in message
+
+
+def test_non_finite_numbers_are_refused_from_every_source(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LEARNING_RATE=inf\n")
+    with pytest.raises(ConfigError, match=r"^LEARNING_RATE='inf' is not valid: expected a finite number"):
+        load_config({}, environ={}, env_file=env_file)
+    with pytest.raises(ConfigError, match=r"^NUM_TRAIN_EPOCHS='inf' is not valid: expected a finite number"):
+        load_config({}, environ={"NUM_TRAIN_EPOCHS": "inf"}, env_file="")
+
+
+def test_an_empty_value_means_not_set_for_every_setting_and_source(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name.upper()}=\n" for name in Config.__dataclass_fields__))
+    empty = {name: "" for name in Config.__dataclass_fields__}
+    cfg = load_config(empty, environ={name.upper(): " " for name in empty}, env_file=env_file)
+    assert cfg == Config()
+
+
+def test_an_empty_value_leaves_the_next_source_in_charge(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LEARNING_RATE=1e-4\nRUN_NAME=from-file\nSPOT=true\n")
+    cfg = load_config({"learning_rate": "", "spot": ""}, environ={"LEARNING_RATE": "", "RUN_NAME": ""}, env_file=env_file)
+    assert cfg.learning_rate == 1e-4 and cfg.run_name == "from-file" and cfg.spot is True
+    assert load_config({"run_name": ""}, environ={}, env_file="", demo=True).run_name == "demo"
 
 
 def test_unknown_flag_suggests_the_right_one():

@@ -1,7 +1,8 @@
 """One typed, validated configuration for every command.
 
 Sources, highest first: CLI flags (python-fire), the process environment, an env file
-(python-dotenv; ``ENV_FILE``, default ``.env``), the built-in demo (``--demo``), defaults.
+(python-dotenv; ``ENV_FILE``, default ``.env``), the built-in demo (``--demo``), defaults. An
+empty value in any source means "not set": the next source applies.
 
 Every setting is a field of :class:`Config` with its environment name (the field name in
 upper case), its type and a one-line help. Validation happens once, in :func:`load_config`,
@@ -15,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -202,8 +204,26 @@ def _bad(name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{name.upper()}={value!r} is not valid: expected {allowed}")
 
 
+def _to_float(name: str, raw: Any, value: Any) -> float:
+    # Every float setting is finite: inf passes range checks such as "> 0" and then breaks the
+    # schedule, the sampler or a timer far from the setting that caused it.
+    if isinstance(value, bool):
+        raise _bad(name, raw, "a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _bad(name, raw, "a number, e.g. 2e-5") from None
+    if not math.isfinite(number):
+        raise _bad(name, raw, "a finite number")
+    return number
+
+
 def _parse(name: str, raw: Any) -> Any:
-    """Convert a raw value (string from env, or a Python value from fire) to the field's type."""
+    """Convert a raw value (a string from the env file, the environment or a flag) to the field's type.
+
+    Raises:
+        ConfigError: the value does not parse as the type, or is a non-finite float.
+    """
     tp = _TYPES[name]
     optional = type(None) in typing.get_args(tp)
     if optional:
@@ -234,12 +254,7 @@ def _parse(name: str, raw: Any) -> Any:
         except ValueError:
             raise _bad(name, raw, "a whole number") from None
     if tp is float:
-        if isinstance(raw, bool):
-            raise _bad(name, raw, "a number")
-        try:
-            return float(raw)
-        except ValueError:
-            raise _bad(name, raw, "a number, e.g. 2e-5") from None
+        return _to_float(name, raw, raw)
     if tp is str:
         if isinstance(raw, (list, tuple, dict)):
             raise _bad(name, raw, "a single value")
@@ -262,6 +277,9 @@ def _parse(name: str, raw: Any) -> Any:
                 pairs.append((k.strip(), v.strip()))
         out = {}
         for k, v in pairs:
+            if value_type is float:
+                out[str(k)] = _to_float(name, raw, v)
+                continue
             try:
                 out[str(k)] = value_type(v)
             except ValueError:
@@ -311,23 +329,31 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     layers: dict[str, Any] = {}
+
+    def given(name: str, value: Any) -> None:
+        # An empty value means "not set" in every source (`KEY=` in a file, an empty variable,
+        # `--key=`): the next source down, in the end the default, applies.
+        if not (value is None or (isinstance(value, str) and not value.strip())):
+            layers[name] = value
+
     if demo:
         layers.update(DEMO_SETTINGS)
     path = env_file if env_file is not None else environ.get("ENV_FILE", ".env")
     if path and Path(path).is_file():
-        layers.update(read_env_file(path))
+        for name, value in read_env_file(path).items():
+            given(name, value)
     elif path and (env_file is not None or "ENV_FILE" in environ):
         raise ConfigError(f"ENV_FILE={str(path)!r} does not exist: create it from .env.example or fix the path")
     for name in FIELDS:
         if name.upper() in environ:
-            layers[name] = environ[name.upper()]
+            given(name, environ[name.upper()])
     if "checkpoint_uri" not in layers and environ.get("AIP_CHECKPOINT_DIR"):
         layers["checkpoint_uri"] = environ["AIP_CHECKPOINT_DIR"]  # Vertex AI's contract
     for key, value in (cli or {}).items():
         name = _normalize_cli_key(key)
         if name not in FIELDS:
             raise ConfigError(f"unknown flag --{key}{_suggest(name)}: run `python -m trainer settings` for the list")
-        layers[name] = value
+        given(name, value)
     cfg = Config(**{name: _parse(name, value) for name, value in layers.items()})
     validate(cfg)
     return cfg
