@@ -145,7 +145,7 @@ def test_fp16_without_gpu_is_refused_before_loading(monkeypatch):
 
     # Both sides on any machine: the answer depends only on whether CUDA is there.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="PRECISION='fp16'"):
+    with pytest.raises(ConfigError, match="^PRECISION='fp16' is not valid"):
         resolve_precision("fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_precision("fp16") == "fp16"

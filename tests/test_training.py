@@ -162,3 +162,33 @@ def test_chance_report_of_a_tokenized_split_with_sentences_of_different_lengths(
     validation = datasets.Dataset.from_dict({"labels": ragged(PADDED_REFS, LENGTHS)})
     report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9})
     assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "learned": True}}}
+
+
+# ------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16")],
+)
+def test_auto_precision_takes_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
+    import torch
+
+    from trainer.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # A T4 (7.5) answers yes here too, emulating bf16 slowly: the capability must decide.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+
+
+def test_auto_precision_without_a_gpu_is_fp32_and_fp16_is_a_setting_error(monkeypatch):
+    import torch
+
+    from trainer.config import ConfigError
+    from trainer.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="^PRECISION='fp16' is not valid: fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")

@@ -93,7 +93,7 @@ class Config:
     weight_decay: float = _setting(0.01, "AdamW weight decay", "training")
     lr_scheduler: str = _setting("linear", "learning-rate schedule: " + "|".join(LR_SCHEDULERS), "training")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables)", "training")
-    precision: str = _setting("auto", "auto (bf16 on a GPU that supports it, else fp32)|fp32|bf16|fp16", "training")
+    precision: str = _setting("auto", "auto (bf16 on a GPU of compute capability >= 8.0, fp16 on an older GPU, else fp32)|fp32|bf16|fp16", "training")
     seed: int = _setting(42, "random seed for weights, sampling and data order", "training")
     logging_steps: int = _setting(50, "log training loss every N steps", "training")
     eval_strategy: str = _setting("epoch", "when to evaluate: no|steps|epoch", "training")

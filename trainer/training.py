@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
 from . import metrics as metric_fns
-from .config import Config
+from .config import Config, ConfigError
 from .data import MultitaskCollator, MultitaskDataset, TaskData, example_lengths
 from .sampling import MultitaskBatchSampler
 from .tasks import TaskSpec
@@ -29,17 +29,25 @@ logger = logging.getLogger(__name__)
 MACRO_METRIC = "macro_avg"
 
 
+BF16_COMPUTE_CAPABILITY = (8, 0)  # Ampere: bf16 in hardware; older GPUs emulate it, slower than fp32
+
+
 def resolve_precision(precision: str) -> str:
-    """`auto` → bf16 on a CUDA GPU that supports it, else fp32.
+    """`auto` → bf16 on a CUDA GPU of compute capability 8.0 or more, fp16 on an older one, else fp32.
+
+    `torch.cuda.is_bf16_supported()` also says yes on GPUs that only emulate bf16 (a T4 is 7.5),
+    so the capability decides.
 
     Raises:
-        ValueError: fp16 or bf16 requested where the hardware cannot run it.
+        ConfigError: fp16 requested without a CUDA GPU.
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if not cuda:
+            return "fp32"
+        return "bf16" if tuple(torch.cuda.get_device_capability()) >= BF16_COMPUTE_CAPABILITY else "fp16"
     if precision == "fp16" and not cuda:
-        raise ValueError("PRECISION='fp16' is not valid: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+        raise ConfigError("PRECISION='fp16' is not valid: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     return precision
 
 
