@@ -173,6 +173,7 @@ class Config:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
+BOOL_SETTINGS = frozenset(name for name, tp in _TYPES.items() if tp is bool)  # a flag alone turns them on
 
 DEMO_SETTINGS = {
     "model_name": str(DEMO_DIR / "model"),
@@ -198,6 +199,18 @@ def format_value(value: Any) -> str:
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     return "" if value is None else str(value)
+
+
+def parse_bool(raw: Any) -> bool | None:
+    """The bool a setting's value says (true/false, yes/no, on/off, 1/0, any case); None if neither."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return None
 
 
 def _bad(name: str, value: Any, allowed: str) -> ConfigError:
@@ -238,14 +251,10 @@ def _parse(name: str, raw: Any) -> Any:
         raise _bad(name, raw, f"a value of type {getattr(tp, '__name__', tp)}")
     origin = typing.get_origin(tp)
     if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise _bad(name, raw, "true or false")
+        value = parse_bool(raw)
+        if value is None:
+            raise _bad(name, raw, "true or false")
+        return value
     if tp is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise _bad(name, raw, "a whole number")
