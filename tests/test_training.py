@@ -192,3 +192,18 @@ def test_auto_precision_without_a_gpu_is_fp32_and_fp16_is_a_setting_error(monkey
     assert resolve_precision("auto") == "fp32"
     with pytest.raises(ConfigError, match="^PRECISION='fp16' is not valid: fp16 needs a CUDA GPU"):
         resolve_precision("fp16")
+
+
+# ------------------------------------------------------------------------------ task mixing
+def test_task_mixing_is_checked_from_the_data_sizes_with_the_tasks_names():
+    from trainer.config import ConfigError, load_config
+    from trainer.training import check_task_mixing
+
+    specs = [build_spec({"name": n, "type": "classification", "files": {"train": "t.csv"}}) for n in ("big", "small")]
+    cfg = load_config({"tasks": "big,small", "sampling": "temperature", "sampling_temperature": "1e-300"}, environ={}, env_file="")
+    with pytest.raises(ConfigError, match=r"^SAMPLING_TEMPERATURE=1e-300 is not valid: task 'small' \(7 examples\)"):
+        check_task_mixing(cfg, specs, [1000, 7])
+    check_task_mixing(cfg, specs, [7, 7])  # equal sizes: an even split at any temperature
+    weights = load_config({"tasks": "big,small", "sampling": "weights", "task_weights": "big=1,small=1e-6"}, environ={}, env_file="")
+    with pytest.raises(ConfigError, match=r"^TASK_WEIGHTS is not valid: task 'small' \(weight 1e-06\)"):
+        check_task_mixing(weights, specs, [100, 100])

@@ -23,6 +23,7 @@ from .training import (
     MultitaskTrainer,
     build_training_args,
     chance_scores,
+    check_task_mixing,
     decode,
     resolve_precision,
 )
@@ -128,6 +129,7 @@ def train(cfg: Config) -> dict[str, Any]:
     logger.info("Run %s: %s on %s (config %s)", run, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
     store = open_checkpoint_store(cfg)
     specs, raw = prepare_tasks(cfg, specs, need_train=True)
+    check_task_mixing(cfg, specs, [len(splits["train"]) for splits in raw])
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)

@@ -51,6 +51,26 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]) -> None:
+    """Check, from the train splits' sizes alone, that SAMPLING gives every task steps.
+
+    Builds the batch sampler `MultitaskTrainer` will build (on one process), which checks
+    itself; called before any model is built so that the message can name the task.
+
+    Raises:
+        ConfigError: a tiny SAMPLING_TEMPERATURE or task weight leaves a task without a step.
+    """
+    MultitaskBatchSampler(
+        sizes=train_sizes,
+        batch_sizes=[s.batch_size or cfg.train_batch_size for s in specs],
+        strategy=cfg.sampling,
+        temperature=cfg.sampling_temperature,
+        cap=cfg.sampling_cap,
+        weights=[cfg.task_weights.get(s.name, 1.0) for s in specs],
+        names=[s.name for s in specs],
+    )
+
+
 def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's."""
     return TrainingArguments(
