@@ -121,8 +121,66 @@ def test_regression_needs_numbers(tmp_path):
     spec = build_spec({"name": "r", "type": "regression",
                        "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,1.5\nb,high\n")},
                        "columns": {"text": "s", "label": "y"}})
-    with pytest.raises(TaskError, match="task 'r', split train: column 'y' must hold numbers"):
+    with pytest.raises(TaskError, match=r"task 'r', split train, line 3 of .*t.csv: label 'high' in column 'y' is not a number"):
         load_task(spec)
+
+
+def _load_error(tmp_path, name: str, text: str, task_type: str = "classification", **declared) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    columns = {"tokens": "w", "label": "t"} if task_type == "token_classification" else {"text": "s", "label": "y"}
+    spec = build_spec({"name": "d", "type": task_type, "files": {"train": str(path)}, "columns": columns, **declared})
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    message = str(err.value)
+    assert "\n" not in message
+    return message.replace(str(tmp_path) + "/", "")
+
+
+# Data that trained silently but wrong: each must stop before training, naming the file, the line
+# (or row) and the fix.
+@pytest.mark.parametrize(
+    ("name", "text", "task_type", "declared", "expected"),
+    [
+        ("nan.csv", "s,y\na,1.0\nb,nan\n", "regression", {},
+         "task 'd', split train, line 3 of nan.csv: label 'nan' in column 'y' is not a finite number"),
+        ("inf.tsv", "s\ty\na\t1\nb\t2\nc\tinf\n", "regression", {},
+         "task 'd', split train, line 4 of inf.tsv: label inf in column 'y' is not a finite number"),
+        ("ninf.csv", "s,y\na,-inf\nb,2\n", "regression", {},
+         "task 'd', split train, line 2 of ninf.csv: label -inf in column 'y' is not a finite number"),
+        ("nan.jsonl", '{"s": "a", "y": 1.0}\n\n{"s": "b", "y": NaN}\n', "regression", {},
+         "task 'd', split train, line 3 of nan.jsonl: label nan in column 'y' is not a finite number"),
+        ("empty.csv", "s,y\na,1.5\nb,\n", "regression", {},
+         "task 'd', split train, line 3 of empty.csv: no label in column 'y'"),
+        ("null.jsonl", '{"s": "a", "y": 1.5}\n{"s": "b", "y": null}\n', "regression", {},
+         "task 'd', split train, line 2 of null.jsonl: no label in column 'y'"),
+        ("empty.csv", "s,y\na,pos\nb,neg\nc, \n", "classification", {},
+         "task 'd', split train, line 4 of empty.csv: no label in column 'y'"),
+        ("empty.csv", "s,y\na,pos\nb,\n", "classification", {"labels": ["pos", "neg"]},
+         "task 'd', split train, line 3 of empty.csv: no label in column 'y'"),
+        # A TSV row with a missing field: pandas fills it with '' (with inferred labels, a class named '').
+        ("short.tsv", "s\ty\na\tpos\nb\tneg\n\nc\n", "classification", {},
+         "task 'd', split train, line 5 of short.tsv: no label in column 'y'"),
+        ("quoted.csv", 's,y\n"a\nlong",pos\nb,neg\nc,\n', "classification", {},
+         "task 'd', split train, line 5 of quoted.csv: no label in column 'y'"),
+        ("nulltext.jsonl", '{"s": "a", "y": "pos"}\n{"s": null, "y": "neg"}\n', "classification", {},
+         "task 'd', split train, line 2 of nulltext.jsonl: no value in column 's' (role 'text')"),
+        ("tag.jsonl", '{"w": ["a", "b"], "t": ["O", "B-x"]}\n{"w": ["a"], "t": [null]}\n', "token_classification", {},
+         "task 'd', split train, line 2 of tag.jsonl: tag 1 in column 't' is empty"),
+        # One class only: num_labels would be 1 and the loss 0.
+        ("one.csv", "s,y\na,pos\nb,pos\n", "classification", {},
+         "task 'd', split train: every label in column 'y' is 'pos'; a classifier needs examples of at least two classes"),
+        ("one.csv", "s,y\na,pos\nb,pos\n", "classification", {"labels": ["pos", "neg"]},
+         "task 'd', split train: every label in column 'y' is 'pos'; a classifier needs examples of at least two classes"),
+        ("one.jsonl", '{"w": ["a", "b"], "t": ["O", "O"]}\n', "token_classification", {},
+         "task 'd', split train: every label in column 't' is 'O'; a classifier needs examples of at least two classes"),
+    ],
+)
+def test_data_that_would_train_wrong_names_file_line_and_fix(tmp_path, name, text, task_type, declared, expected):
+    message = _load_error(tmp_path, name, text, task_type, **declared)
+    assert message.startswith(expected), message
+    fix = message[len(expected):]
+    assert fix.startswith(("; ", ": ")) and len(fix) > 10, f"no fix in: {message}"
 
 
 def test_missing_file(tmp_path):
@@ -154,7 +212,7 @@ def test_token_tags_must_match_tokens(tmp_path):
     path.write_text(json.dumps({"w": ["a", "b"], "t": ["O"]}) + "\n")
     spec = build_spec({"name": "ner", "type": "token_classification", "files": {"train": str(path)},
                        "columns": {"tokens": "w", "label": "t"}})
-    with pytest.raises(TaskError, match="row 0 has 2 tokens but 1 tags"):
+    with pytest.raises(TaskError, match="line 1 of .*ner.jsonl: 2 tokens but 1 tags in column 't'"):
         load_task(spec)
 
 
