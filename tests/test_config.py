@@ -133,6 +133,13 @@ def test_unknown_env_file_key_is_a_typo(tmp_path):
         load_config({}, environ={}, env_file=env_file)
 
 
+def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes("RUN_NAME=x\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^env file .*\.env is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8$"):
+        load_config({}, environ={}, env_file=env_file)
+
+
 def test_missing_env_file_named_explicitly_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="ENV_FILE"):
         load_config({}, environ={"ENV_FILE": str(tmp_path / "missing.env")})

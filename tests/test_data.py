@@ -190,6 +190,36 @@ def test_missing_file(tmp_path):
         load_task(spec)
 
 
+# Files the loaders cannot read: `datasets` says only "An error occurred while generating the
+# dataset"; the line must say what is wrong, where, and the fix.
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("long.tsv", "s\ty\na\tpos\n\nb\tneg\textra\n",
+         "cannot load long.tsv: line 4 has 3 fields where the header has 2; fix that row (a TSV field cannot hold a tab)"),
+        ("long.csv", "s,y\na,pos\nb,neg,extra\n",
+         "cannot load long.csv: line 3 has 3 fields where the header has 2; fix that row (quote a field that holds a comma)"),
+        ("bad.jsonl", '{"s": "a", "y": "pos"}\n{"s": "b", "y": \n{"s": "c", "y": "neg"}\n',
+         "cannot load bad.jsonl: line 2 is not valid JSON (Expecting value at column 17); fix it (one JSON object per line)"),
+        ("latin.csv", "s,y\na,pos\ncaf\xe9,neg\n".encode("latin-1"),
+         "cannot load latin.csv: it is not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8"),
+        ("latin.jsonl", '{"s": "a", "y": "pos"}\n{"s": "caf\xe9", "y": "neg"}\n'.encode("latin-1"),
+         "cannot load latin.jsonl: it is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+        ("empty.jsonl", "", "the split is empty; give it data or remove the task"),
+        ("blank.tsv", "\n\n", "the split is empty; give it data or remove the task"),
+    ],
+)
+def test_unreadable_file_names_the_line_and_the_fix(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = build_spec({"name": "f", "type": "classification", "files": {"train": str(path)},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    message = str(err.value).replace(str(tmp_path) + "/", "")
+    assert message == f"task 'f', split train: {expected}"
+
+
 def test_hub_dataset_offline_gives_one_line():
     spec = build_spec(PRESETS["rte"])
     with pytest.raises(TaskError) as err:

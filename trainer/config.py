@@ -298,6 +298,31 @@ def _parse(name: str, raw: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- sources
+def not_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str | None:
+    """Where a text file stops being UTF-8 ("byte 0xe9 on line 3"), or None if it is UTF-8.
+
+    Reads the file in chunks (a data file may be large); shared by every reader of user files
+    (env file, tasks file, data files, predict inputs) so each can name the line to fix.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # e.start counts from the bytes the decoder still held from the previous chunk.
+                pending = len(e.object) - len(chunk)
+                line = lines_before + chunk.count(b"\n", 0, max(e.start - pending, 0))
+                return f"byte 0x{e.object[e.start]:02x} on line {line}"
+            if not chunk:
+                return None
+            lines_before += chunk.count(b"\n")
+
+
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key.lower(), list(FIELDS), n=1, cutoff=0.75)
     return f" (did you mean {close[0].upper()}?)" if close else ""
@@ -311,6 +336,9 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     """Read KEY=value pairs with python-dotenv; unknown keys are errors (typos), foreign ones pass."""
     from dotenv import dotenv_values
 
+    problem = not_utf8(path)
+    if problem:
+        raise ConfigError(f"env file {path} is not UTF-8 text ({problem}); save it as UTF-8")
     values = dotenv_values(path)
     out = {}
     for key, value in values.items():

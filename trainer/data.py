@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bisect
 import csv
+import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import not_utf8
 from .tasks import TaskError, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -36,36 +39,143 @@ def file_loader_args(path: str) -> tuple[str, dict[str, Any]]:
     return "parquet", {}
 
 
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _ragged_row(path: Path) -> tuple[int, int, int] | None:
+    """(line, fields, header fields) of the first CSV/TSV row whose field count is not the header's."""
+    _, kwargs = file_loader_args(str(path))
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=kwargs.get("delimiter", ","), quoting=kwargs.get("quoting", csv.QUOTE_MINIMAL))
+        width, start = None, 0
+        for fields in reader:
+            if fields:
+                if width is None:
+                    width = len(fields)
+                elif len(fields) != width:
+                    return start + 1, len(fields), width
+            start = reader.line_num
+    return None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """What is wrong with the first line of a JSON Lines file that is not one JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if number == 1 and line.lstrip().startswith("["):
+                return None  # one JSON document (a list of rows), not JSON Lines
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno}); fix it (one JSON object per line)"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object; write one object per line"
+    return None
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _load_problem(path: Path, error: BaseException) -> str:
+    """Why a loader could not read `path`, with the fix (the file is UTF-8: see `load_file`)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            ragged = _ragged_row(path)
+            if ragged:
+                line, fields, width = ragged
+                hint = "a TSV field cannot hold a tab" if suffix == ".tsv" else "quote a field that holds a comma"
+                return f"line {line} has {fields} fields where the header has {width}; fix that row ({hint})"
+        if suffix in (".jsonl", ".json"):
+            bad = _bad_json_line(path)
+            if bad:
+                return bad
+    except (OSError, csv.Error):
+        pass
+    root = _causes(error)[-1]
+    found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(root))  # pandas' ParserError
+    if found:
+        return f"line {found[2]} has {found[3]} fields where the header has {found[1]}; fix that row"
+    return f"{_first_line(root)}; check the file's format and columns"
+
+
+def load_file(path: str | Path, split: str, *, where: str, empty: str):
+    """Load one data file (.csv, .tsv, .jsonl, .json, .parquet) as a `datasets.Dataset`.
+
+    `where` starts every message (e.g. "task 'rte', split train"); `empty` is the message for a
+    file without rows. The loaders say only "An error occurred while generating the dataset":
+    the message names the cause, the line and the fix.
+
+    Raises:
+        TaskError: the file is not UTF-8 text, does not parse (the line and the fix), or has no rows.
+    """
+    import datasets
+
+    path = Path(path)
+    text = path.suffix.lower() in TEXT_SUFFIXES
+    # Checked first: a JSON loader may read invalid UTF-8 without complaint and fail later.
+    problem = not_utf8(path) if text else None
+    if problem:
+        raise TaskError(f"{where}: cannot load {path}: it is not UTF-8 text ({problem}); save it as UTF-8")
+    if text and _is_blank(path):
+        raise TaskError(f"{where}: {empty}")
+    builder, kwargs = file_loader_args(str(path))
+    try:
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
+        first = " ".join(_first_line(c) for c in _causes(e))
+        if "corresponds to no data" in first or "No columns to parse" in first:
+            raise TaskError(f"{where}: {empty}") from None
+        raise TaskError(f"{where}: cannot load {path}: {_load_problem(path, e)}") from None
+    if len(ds) == 0:
+        raise TaskError(f"{where}: {empty}")
+    return ds
+
+
 def load_split(spec: TaskSpec, split: str):
     """Load one split ("train" or "validation") of a task as a `datasets.Dataset`.
 
     Raises:
-        TaskError: the file is missing or unreadable, the Hub dataset cannot be loaded, or the split is empty.
+        TaskError: the file is missing or unreadable (see `load_file`), the Hub dataset cannot be
+            loaded, or the split is empty.
     """
     import datasets
 
     where = f"task {spec.name!r}, split {split}"
+    empty = "the split is empty; give it data or remove the task"
+    if spec.files is not None:
+        path = spec.files[split]
+        if not Path(path).is_file():
+            raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
+        return load_file(path, split, where=where, empty=empty)
     try:
-        if spec.files is not None:
-            path = spec.files[split]
-            if not Path(path).is_file():
-                raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
-            builder, kwargs = file_loader_args(path)
-            ds = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
-        else:
-            ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))
-    except TaskError:
-        raise
+        ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))
     except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if "corresponds to no data" in first or "No columns to parse" in first:
-            raise TaskError(f"{where}: the split is empty; give it data or remove the task") from None
-        source = spec.files[split] if spec.files else f"Hub dataset {spec.hub}" + (f" ({spec.hub_config})" if spec.hub_config else "")
-        hint = ("check the file's format and columns" if spec.files else
-                "check the name, your network (HF_HUB_OFFLINE) and that the split exists, or use local 'files' in a tasks file")
-        raise TaskError(f"{where}: cannot load {source}: {first}; {hint}") from None
+        source = f"Hub dataset {spec.hub}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+        raise TaskError(f"{where}: cannot load {source}: {_first_line(e)}; check the name, your network "
+                        "(HF_HUB_OFFLINE) and that the split exists, or use local 'files' in a tasks file") from None
     if len(ds) == 0:
-        raise TaskError(f"{where}: the split is empty; give it data or remove the task")
+        raise TaskError(f"{where}: {empty}")
     return ds
 
 
