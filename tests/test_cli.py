@@ -7,9 +7,11 @@ command line.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY_MAX_LENGTH, run_cli, tiny_flags
 from trainer.cli import main
 from trainer.config import FIELDS
 
@@ -108,3 +110,37 @@ def test_bool_command_parameters_parse_as_bools(cli, monkeypatch):
 def test_the_command_line_prints_the_flag_as_typed(tmp_path):
     done = run_cli("settings", "--get=run_name", "--run_name=1e3", cwd=tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (0, "1e3\n", "")
+
+
+def with_a_small_task(tasks_file, folder):
+    """The tiny tasks plus 'few': demo_entailment's first 8 training rows."""
+    declared = json.loads(tasks_file.read_text())
+    entailment = next(t for t in declared["tasks"] if t["name"] == "demo_entailment")
+    lines = open(entailment["files"]["train"]).read().splitlines(keepends=True)
+    (folder / "few.csv").write_text("".join(lines[:9]))
+    few = {**entailment, "name": "few", "files": {"train": str(folder / "few.csv"), "validation": entailment["files"]["validation"]}}
+    path = folder / "tasks.json"
+    path.write_text(json.dumps({"tasks": [*declared["tasks"], few]}))
+    return path
+
+
+# Bad settings that only the data, the hardware or the model show: `train` must stop with exit 2
+# and one line before it trains or writes anything.
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"precision": "fp16"}, {"CUDA_VISIBLE_DEVICES": ""}, "error: PRECISION='fp16' is not valid: fp16 needs a CUDA GPU"),
+        ({"sampling": "temperature", "sampling_temperature": "1e-300", "tasks": "demo_entailment,few"}, {},
+         "error: SAMPLING_TEMPERATURE=1e-300 is not valid: task 'few' (8 examples) would get no step"),
+        ({"max_seq_length": 2 * TINY_MAX_LENGTH}, {},
+         f"error: MAX_SEQ_LENGTH={2 * TINY_MAX_LENGTH} is not valid: "),
+    ],
+    ids=["fp16-without-gpu", "temperature", "max-seq-length"],
+)
+def test_train_stops_before_training_on_settings_the_setup_refuses(tiny_model, tiny_tasks, tmp_path, flags, env, message):
+    out = tmp_path / "out"
+    done = run_cli("train", *tiny_flags(tiny_model, with_a_small_task(tiny_tasks, tmp_path), out, **flags),
+                   env={"OMP_NUM_THREADS": "1", **env}, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr[-3000:]
+    assert not out.exists()

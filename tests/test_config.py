@@ -23,7 +23,7 @@ def test_priority_cli_over_environment_over_env_file_over_demo(tmp_path):
     assert cfg.train_batch_size == 4  # environment beats env file
     assert cfg.learning_rate == 1e-4  # env file beats the demo preset (1e-3)
     assert cfg.model_init == "scratch"  # demo preset beats defaults
-    assert cfg.max_seq_length == 128  # default
+    assert cfg.eval_batch_size == 32  # default
 
 
 def test_env_file_named_by_ENV_FILE(tmp_path):

@@ -181,6 +181,7 @@ DEMO_SETTINGS = {
     "tasks": "demo_similarity,demo_entailment,demo_choice",
     "tasks_file": str(DEMO_DIR / "tasks.json"),
     "run_name": "demo",
+    "max_seq_length": "64",  # the demo model's position embeddings
     "learning_rate": "5e-4",
     "num_train_epochs": "12",
     "train_batch_size": "32",

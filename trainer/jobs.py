@@ -15,7 +15,7 @@ from typing import Any
 from .checkpoint_store import CheckpointError
 from .config import Config
 from .data import TaskData, file_loader_args, load_task, make_collator, tokenize
-from .model import MULTITASK_FILE, MultitaskModel, load_encoder
+from .model import MULTITASK_FILE, MultitaskModel, check_max_length, encoder_config, load_encoder
 from .platform import export_to_model_dir, platform_callbacks
 from .tasks import TaskError, TaskSpec, resolve_tasks
 from .training import (
@@ -133,6 +133,7 @@ def train(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
+    check_max_length(cfg, specs, tokenizer, encoder_config(cfg.model_name))
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
 
