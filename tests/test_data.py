@@ -291,6 +291,21 @@ def test_multitask_collator_tags_the_task_and_refuses_mixed_batches(tiny_tasks, 
         collate([dataset[0], dataset[len(sets[0])]])
 
 
+def test_cli_unreadable_data_file_is_one_line(tmp_path, tiny_model):
+    from tests.conftest import run_cli
+
+    (tmp_path / "t.tsv").write_text("premise\tlabel\na\tx\nb\ty\tz\n")
+    (tmp_path / "tasks.json").write_text(json.dumps([{"name": "nli", "type": "classification", "files": {"train": "t.tsv"},
+                                                     "columns": {"text": "premise"}}]))
+    result = run_cli("train", f"--model_name={tiny_model}", "--model_init=scratch", f"--tasks_file={tmp_path / 'tasks.json'}",
+                     "--tasks=nli", f"--output_dir={tmp_path / 'outputs'}", cwd=tmp_path)
+    assert result.returncode == 2
+    # Only our line: not the loaders' "Failed to read file" log, nor "An error occurred while generating the dataset".
+    assert result.stderr == (f"error: task 'nli', split train: cannot load {tmp_path / 't.tsv'}: line 3 has 3 fields where "
+                             "the header has 2; fix that row (a TSV field cannot hold a tab)\n")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_cli_bad_data_exits_2_before_writing_anything(tmp_path, tiny_model):
     from tests.conftest import run_cli
 

@@ -8,6 +8,7 @@ built, and every error names the task, the split and the column.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import json
 import logging
@@ -119,6 +120,18 @@ def _load_problem(path: Path, error: BaseException) -> str:
     return f"{_first_line(root)}; check the file's format and columns"
 
 
+@contextlib.contextmanager
+def _quiet_datasets_errors():
+    # The loaders log "Failed to read file ..." before raising; the one line below says it better.
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
 def load_file(path: str | Path, split: str, *, where: str, empty: str):
     """Load one data file (.csv, .tsv, .jsonl, .json, .parquet) as a `datasets.Dataset`.
 
@@ -141,7 +154,8 @@ def load_file(path: str | Path, split: str, *, where: str, empty: str):
         raise TaskError(f"{where}: {empty}")
     builder, kwargs = file_loader_args(str(path))
     try:
-        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+        with _quiet_datasets_errors():
+            ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
         first = " ".join(_first_line(c) for c in _causes(e))
         if "corresponds to no data" in first or "No columns to parse" in first:
@@ -286,6 +300,20 @@ def _label_problem(spec: TaskSpec, col: str, value: Any, tokens: Any) -> str | N
     return None
 
 
+def input_columns(spec: TaskSpec) -> list[tuple[str, str]]:
+    """(role, column) of every declared column the model reads (all but the label)."""
+    return [(role, col) for role, col in _column_names(spec) if role != "label"]
+
+
+def missing_input(spec: TaskSpec, ds) -> tuple[int, str, str] | None:
+    """(row, column, role) of the first row with no value (null) in an input column, or None."""
+    for role, col in input_columns(spec):
+        row = next((i for i, v in enumerate(ds[col]) if v is None), None)
+        if row is not None:
+            return row, col, role
+    return None
+
+
 def check_values(spec: TaskSpec, split: str, ds) -> None:
     """Refuse rows that would train silently but wrong, naming the row's file and line.
 
@@ -295,12 +323,10 @@ def check_values(spec: TaskSpec, split: str, ds) -> None:
         TaskError: a missing value in a declared column, a missing or empty label, a regression
             target that is not a finite number, or a token row whose tags do not match its tokens.
     """
-    for role, col in _column_names(spec):
-        if role != "label":
-            missing = next((i for i, v in enumerate(ds[col]) if v is None), None)
-            if missing is not None:
-                raise TaskError(f"{_row(spec, split, missing)}: no value in column {col!r} (role {role!r}); "
-                                "fill it in or remove the row")
+    missing = missing_input(spec, ds)
+    if missing is not None:
+        row, col, role = missing
+        raise TaskError(f"{_row(spec, split, row)}: no value in column {col!r} (role {role!r}); fill it in or remove the row")
     col = spec.columns["label"]
     tokens = ds[spec.columns["tokens"]] if spec.type == "token_classification" else None
     for i, value in enumerate(ds[col]):
