@@ -22,7 +22,7 @@ from transformers import (
     pipeline,
 )
 
-from tests.conftest import run_cli, tiny_flags
+from tests.conftest import TINY_MAX_LENGTH, run_cli, tiny_flags
 from trainer.data import load_task, make_collator, tokenize
 from trainer.model import MULTITASK_FILE, MultitaskModel
 
@@ -306,6 +306,14 @@ def test_predict_refuses_an_output_that_is_a_folder_or_the_input(predict_in_proc
         assert (code, err) == (2, expected + "\n")
     assert inputs.read_text() == json.dumps(PAIR) + "\n"  # the input is never overwritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pairs.jsonl"]
+
+
+def test_predict_refuses_a_max_seq_length_the_model_cannot_take(predict_in_process, tmp_path):
+    inputs = tmp_path / "pairs.jsonl"
+    inputs.write_text(json.dumps(PAIR) + "\n")
+    code, err = predict_in_process(f"--input={inputs}", f"--max_seq_length={2 * TINY_MAX_LENGTH}")
+    assert code == 2 and err.startswith(f"error: MAX_SEQ_LENGTH={2 * TINY_MAX_LENGTH} is not valid: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
 
 
 def test_a_crash_while_writing_predictions_leaves_no_half_written_file(predict_in_process, tmp_path, monkeypatch):

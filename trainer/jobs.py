@@ -350,6 +350,7 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
 
     Raises:
         TaskError: a bad --input (see `_read_inputs`), --output or --task, before predicting.
+        ConfigError: MAX_SEQ_LENGTH is longer than the model takes.
     """
     import numpy as np
     from scipy.special import softmax
@@ -362,6 +363,7 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     if task not in model.specs:
         raise TaskError(f"--task={task!r} is not in this model; it has {', '.join(model.specs)}")
     spec = model.specs[task]
+    check_max_length(cfg, [spec], tokenizer, model.config)
     ds = _with_placeholder_labels(spec, _read_inputs(Path(input), spec))
     check_columns(spec, "input", ds)
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length)
