@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "trainer" / "demo"
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+TINY_MAX_LENGTH = 128  # the tiny model's positions (and its tokenizer's limit): MAX_SEQ_LENGTH's default fits
 
 from tests.gcs_server import gcs_server  # noqa: E402,F401  (fixture re-export)
 from tests.gcs_testbench import gcs_testbench  # noqa: E402,F401  (fixture re-export)
@@ -34,11 +35,13 @@ def make_tiny_bert(directory: Path, hidden: int = 32) -> Path:
     from transformers import BertConfig
 
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("vocab.txt", "tokenizer.json"):
         shutil.copy(DEMO / "model" / name, directory / name)
+    tokenizer_config = json.loads((DEMO / "model" / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": TINY_MAX_LENGTH}))
     BertConfig(
         vocab_size=len((DEMO / "model" / "vocab.txt").read_text().split()), hidden_size=hidden,
-        num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=TINY_MAX_LENGTH,
     ).save_pretrained(directory)
     return directory
 

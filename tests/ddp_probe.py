@@ -109,9 +109,9 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
 
     jobs.prepare_tasks = timed("read", jobs.prepare_tasks)
     jobs.tokenize_tasks = timed("tokenize", jobs.tokenize_tasks)
-    specs, raw = jobs.load_data(cfg, resolve_tasks(cfg), args)
+    specs, raw, tokenizer = jobs.load_data(cfg, resolve_tasks(cfg), args)
     set_seed(cfg.seed)
-    tokenizer, tasks = jobs.tokenize_data(cfg, specs, raw, args)
+    tasks = jobs.tokenize_data(cfg, specs, raw, tokenizer, args)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
     initial = checksum(model.state_dict())
 

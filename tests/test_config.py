@@ -23,7 +23,7 @@ def test_priority_cli_over_environment_over_env_file_over_demo(tmp_path):
     assert cfg.train_batch_size == 4  # environment beats env file
     assert cfg.learning_rate == 1e-4  # env file beats the demo preset (1e-3)
     assert cfg.model_init == "scratch"  # demo preset beats defaults
-    assert cfg.max_seq_length == 128  # default
+    assert cfg.eval_batch_size == 32  # default
 
 
 def test_env_file_named_by_ENV_FILE(tmp_path):
@@ -60,7 +60,7 @@ def test_types_are_parsed():
         ({"task_weights": "stsb=0"}, "TASK_WEIGHTS"),
         ({"task_weights": "stsb"}, "TASK_WEIGHTS"),
         ({"sampling_temperature": 0}, "SAMPLING_TEMPERATURE=0"),
-        ({"tasks": ""}, "TASKS"),
+        ({"tasks": ","}, "TASKS"),
         ({"tasks": "rte,rte"}, "TASKS"),
         ({"warmup_ratio": 1.5}, "WARMUP_RATIO=1.5"),
         ({"eval_strategy": "sometimes"}, "EVAL_STRATEGY"),
@@ -75,6 +75,17 @@ def test_types_are_parsed():
         ({"checkpoint_uri": "s3://bucket/x"}, "CHECKPOINT_URI"),
         ({"resume": "sometimes"}, "RESUME"),
         ({"replica_count": 0}, "REPLICA_COUNT=0"),
+        # Every float setting must be finite, whatever its own range check says.
+        ({"learning_rate": "inf"}, "LEARNING_RATE='inf'"),
+        ({"num_train_epochs": "inf"}, "NUM_TRAIN_EPOCHS='inf'"),
+        ({"preemption_grace_seconds": "inf"}, "PREEMPTION_GRACE_SECONDS='inf'"),
+        ({"storage_retry_deadline": "Infinity"}, "STORAGE_RETRY_DEADLINE='Infinity'"),
+        ({"sampling_temperature": "inf"}, "SAMPLING_TEMPERATURE='inf'"),
+        ({"max_grad_norm": "nan"}, "MAX_GRAD_NORM='nan'"),
+        ({"weight_decay": "-inf"}, "WEIGHT_DECAY='-inf'"),
+        ({"learning_rate": float("nan")}, "LEARNING_RATE=nan"),
+        ({"task_weights": "stsb=inf,rte=1", "tasks": "stsb,rte", "sampling": "weights"}, "TASK_WEIGHTS='stsb=inf,rte=1'"),
+        ({"task_weights": "stsb=nan"}, "TASK_WEIGHTS='stsb=nan'"),
     ],
 )
 def test_bad_values_name_the_setting(flags, named):
@@ -83,6 +94,31 @@ def test_bad_values_name_the_setting(flags, named):
     message = str(err.value)
     assert named in message
     assert "\n" not in message
+
+
+def test_non_finite_numbers_are_refused_from_every_source(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LEARNING_RATE=inf\n")
+    with pytest.raises(ConfigError, match=r"^LEARNING_RATE='inf' is not valid: expected a finite number"):
+        load_config({}, environ={}, env_file=env_file)
+    with pytest.raises(ConfigError, match=r"^NUM_TRAIN_EPOCHS='inf' is not valid: expected a finite number"):
+        load_config({}, environ={"NUM_TRAIN_EPOCHS": "inf"}, env_file="")
+
+
+def test_an_empty_value_means_not_set_for_every_setting_and_source(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name.upper()}=\n" for name in Config.__dataclass_fields__))
+    empty = {name: "" for name in Config.__dataclass_fields__}
+    cfg = load_config(empty, environ={name.upper(): " " for name in empty}, env_file=env_file)
+    assert cfg == Config()
+
+
+def test_an_empty_value_leaves_the_next_source_in_charge(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LEARNING_RATE=1e-4\nRUN_NAME=from-file\nSPOT=true\n")
+    cfg = load_config({"learning_rate": "", "spot": ""}, environ={"LEARNING_RATE": "", "RUN_NAME": ""}, env_file=env_file)
+    assert cfg.learning_rate == 1e-4 and cfg.run_name == "from-file" and cfg.spot is True
+    assert load_config({"run_name": ""}, environ={}, env_file="", demo=True).run_name == "demo"
 
 
 def test_unknown_flag_suggests_the_right_one():
@@ -94,6 +130,13 @@ def test_unknown_env_file_key_is_a_typo(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("NUM_TRAIN_EPOCH=3\n")
     with pytest.raises(ConfigError, match=r"unknown setting NUM_TRAIN_EPOCH in .*did you mean NUM_TRAIN_EPOCHS"):
+        load_config({}, environ={}, env_file=env_file)
+
+
+def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes("RUN_NAME=x\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"^env file .*\.env is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8$"):
         load_config({}, environ={}, env_file=env_file)
 
 
@@ -109,7 +152,7 @@ def test_fp16_without_gpu_is_refused_before_loading(monkeypatch):
 
     # Both sides on any machine: the answer depends only on whether CUDA is there.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="PRECISION='fp16'"):
+    with pytest.raises(ConfigError, match="^PRECISION='fp16' is not valid"):
         resolve_precision("fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_precision("fp16") == "fp16"

@@ -121,8 +121,66 @@ def test_regression_needs_numbers(tmp_path):
     spec = build_spec({"name": "r", "type": "regression",
                        "files": {"train": _csv(tmp_path, "t.csv", "s,y\na,1.5\nb,high\n")},
                        "columns": {"text": "s", "label": "y"}})
-    with pytest.raises(TaskError, match="task 'r', split train: column 'y' must hold numbers"):
+    with pytest.raises(TaskError, match=r"task 'r', split train, line 3 of .*t.csv: label 'high' in column 'y' is not a number"):
         load_task(spec)
+
+
+def _load_error(tmp_path, name: str, text: str, task_type: str = "classification", **declared) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    columns = {"tokens": "w", "label": "t"} if task_type == "token_classification" else {"text": "s", "label": "y"}
+    spec = build_spec({"name": "d", "type": task_type, "files": {"train": str(path)}, "columns": columns, **declared})
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    message = str(err.value)
+    assert "\n" not in message
+    return message.replace(str(tmp_path) + "/", "")
+
+
+# Data that trained silently but wrong: each must stop before training, naming the file, the line
+# (or row) and the fix.
+@pytest.mark.parametrize(
+    ("name", "text", "task_type", "declared", "expected"),
+    [
+        ("nan.csv", "s,y\na,1.0\nb,nan\n", "regression", {},
+         "task 'd', split train, line 3 of nan.csv: label 'nan' in column 'y' is not a finite number"),
+        ("inf.tsv", "s\ty\na\t1\nb\t2\nc\tinf\n", "regression", {},
+         "task 'd', split train, line 4 of inf.tsv: label inf in column 'y' is not a finite number"),
+        ("ninf.csv", "s,y\na,-inf\nb,2\n", "regression", {},
+         "task 'd', split train, line 2 of ninf.csv: label -inf in column 'y' is not a finite number"),
+        ("nan.jsonl", '{"s": "a", "y": 1.0}\n\n{"s": "b", "y": NaN}\n', "regression", {},
+         "task 'd', split train, line 3 of nan.jsonl: label nan in column 'y' is not a finite number"),
+        ("empty.csv", "s,y\na,1.5\nb,\n", "regression", {},
+         "task 'd', split train, line 3 of empty.csv: no label in column 'y'"),
+        ("null.jsonl", '{"s": "a", "y": 1.5}\n{"s": "b", "y": null}\n', "regression", {},
+         "task 'd', split train, line 2 of null.jsonl: no label in column 'y'"),
+        ("empty.csv", "s,y\na,pos\nb,neg\nc, \n", "classification", {},
+         "task 'd', split train, line 4 of empty.csv: no label in column 'y'"),
+        ("empty.csv", "s,y\na,pos\nb,\n", "classification", {"labels": ["pos", "neg"]},
+         "task 'd', split train, line 3 of empty.csv: no label in column 'y'"),
+        # A TSV row with a missing field: pandas fills it with '' (with inferred labels, a class named '').
+        ("short.tsv", "s\ty\na\tpos\nb\tneg\n\nc\n", "classification", {},
+         "task 'd', split train, line 5 of short.tsv: no label in column 'y'"),
+        ("quoted.csv", 's,y\n"a\nlong",pos\nb,neg\nc,\n', "classification", {},
+         "task 'd', split train, line 5 of quoted.csv: no label in column 'y'"),
+        ("nulltext.jsonl", '{"s": "a", "y": "pos"}\n{"s": null, "y": "neg"}\n', "classification", {},
+         "task 'd', split train, line 2 of nulltext.jsonl: no value in column 's' (role 'text')"),
+        ("tag.jsonl", '{"w": ["a", "b"], "t": ["O", "B-x"]}\n{"w": ["a"], "t": [null]}\n', "token_classification", {},
+         "task 'd', split train, line 2 of tag.jsonl: tag 1 in column 't' is empty"),
+        # One class only: num_labels would be 1 and the loss 0.
+        ("one.csv", "s,y\na,pos\nb,pos\n", "classification", {},
+         "task 'd', split train: every label in column 'y' is 'pos'; a classifier needs examples of at least two classes"),
+        ("one.csv", "s,y\na,pos\nb,pos\n", "classification", {"labels": ["pos", "neg"]},
+         "task 'd', split train: every label in column 'y' is 'pos'; a classifier needs examples of at least two classes"),
+        ("one.jsonl", '{"w": ["a", "b"], "t": ["O", "O"]}\n', "token_classification", {},
+         "task 'd', split train: every label in column 't' is 'O'; a classifier needs examples of at least two classes"),
+    ],
+)
+def test_data_that_would_train_wrong_names_file_line_and_fix(tmp_path, name, text, task_type, declared, expected):
+    message = _load_error(tmp_path, name, text, task_type, **declared)
+    assert message.startswith(expected), message
+    fix = message[len(expected):]
+    assert fix.startswith(("; ", ": ")) and len(fix) > 10, f"no fix in: {message}"
 
 
 def test_missing_file(tmp_path):
@@ -130,6 +188,36 @@ def test_missing_file(tmp_path):
                        "columns": {"text": "s", "label": "y"}})
     with pytest.raises(TaskError, match="task 'm', split train: file .*nope.csv does not exist"):
         load_task(spec)
+
+
+# Files the loaders cannot read: `datasets` says only "An error occurred while generating the
+# dataset"; the line must say what is wrong, where, and the fix.
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("long.tsv", "s\ty\na\tpos\n\nb\tneg\textra\n",
+         "cannot load long.tsv: line 4 has 3 fields where the header has 2; fix that row (a TSV field cannot hold a tab)"),
+        ("long.csv", "s,y\na,pos\nb,neg,extra\n",
+         "cannot load long.csv: line 3 has 3 fields where the header has 2; fix that row (quote a field that holds a comma)"),
+        ("bad.jsonl", '{"s": "a", "y": "pos"}\n{"s": "b", "y": \n{"s": "c", "y": "neg"}\n',
+         "cannot load bad.jsonl: line 2 is not valid JSON (Expecting value at column 17); fix it (one JSON object per line)"),
+        ("latin.csv", "s,y\na,pos\ncaf\xe9,neg\n".encode("latin-1"),
+         "cannot load latin.csv: it is not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8"),
+        ("latin.jsonl", '{"s": "a", "y": "pos"}\n{"s": "caf\xe9", "y": "neg"}\n'.encode("latin-1"),
+         "cannot load latin.jsonl: it is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+        ("empty.jsonl", "", "the split is empty; give it data or remove the task"),
+        ("blank.tsv", "\n\n", "the split is empty; give it data or remove the task"),
+    ],
+)
+def test_unreadable_file_names_the_line_and_the_fix(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    spec = build_spec({"name": "f", "type": "classification", "files": {"train": str(path)},
+                       "columns": {"text": "s", "label": "y"}})
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    message = str(err.value).replace(str(tmp_path) + "/", "")
+    assert message == f"task 'f', split train: {expected}"
 
 
 def test_hub_dataset_offline_gives_one_line():
@@ -154,7 +242,7 @@ def test_token_tags_must_match_tokens(tmp_path):
     path.write_text(json.dumps({"w": ["a", "b"], "t": ["O"]}) + "\n")
     spec = build_spec({"name": "ner", "type": "token_classification", "files": {"train": str(path)},
                        "columns": {"tokens": "w", "label": "t"}})
-    with pytest.raises(TaskError, match="row 0 has 2 tokens but 1 tags"):
+    with pytest.raises(TaskError, match="line 1 of .*ner.jsonl: 2 tokens but 1 tags in column 't'"):
         load_task(spec)
 
 
@@ -201,6 +289,21 @@ def test_multitask_collator_tags_the_task_and_refuses_mixed_batches(tiny_tasks, 
     assert batch["task"] == loaded[1][0].name
     with pytest.raises(RuntimeError, match="mixes tasks"):
         collate([dataset[0], dataset[len(sets[0])]])
+
+
+def test_cli_unreadable_data_file_is_one_line(tmp_path, tiny_model):
+    from tests.conftest import run_cli
+
+    (tmp_path / "t.tsv").write_text("premise\tlabel\na\tx\nb\ty\tz\n")
+    (tmp_path / "tasks.json").write_text(json.dumps([{"name": "nli", "type": "classification", "files": {"train": "t.tsv"},
+                                                     "columns": {"text": "premise"}}]))
+    result = run_cli("train", f"--model_name={tiny_model}", "--model_init=scratch", f"--tasks_file={tmp_path / 'tasks.json'}",
+                     "--tasks=nli", f"--output_dir={tmp_path / 'outputs'}", cwd=tmp_path)
+    assert result.returncode == 2
+    # Only our line: not the loaders' "Failed to read file" log, nor "An error occurred while generating the dataset".
+    assert result.stderr == (f"error: task 'nli', split train: cannot load {tmp_path / 't.tsv'}: line 3 has 3 fields where "
+                             "the header has 2; fix that row (a TSV field cannot hold a tab)\n")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_cli_bad_data_exits_2_before_writing_anything(tmp_path, tiny_model):

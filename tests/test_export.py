@@ -22,7 +22,7 @@ from transformers import (
     pipeline,
 )
 
-from tests.conftest import run_cli, tiny_flags
+from tests.conftest import TINY_MAX_LENGTH, run_cli, tiny_flags
 from trainer.data import load_task, make_collator, tokenize
 from trainer.model import MULTITASK_FILE, MultitaskModel
 
@@ -217,6 +217,131 @@ def test_predict_command_gives_the_exported_pipeline_labels(trained, predicted):
 
 def test_predict_with_a_checkpoint_writes_nothing_but_its_output(predicted):
     assert sorted(p.name for p in predicted.folder.iterdir()) == ["pairs.jsonl", "predictions.jsonl"]
+
+
+PAIR = {"premise": "the saw is near the dog", "hypothesis": "there is a tool"}
+
+
+@pytest.fixture
+def predict_in_process(trained, monkeypatch, capsys):
+    """`python -m trainer predict --task=demo_entailment --checkpoint=<trained> ARGS`, run by
+    `cli.main` in this process (the model loads in a second, not a new interpreter's ten):
+    returns (exit code, stderr)."""
+    import logging
+
+    from trainer.cli import main
+
+    monkeypatch.setenv("ENV_FILE", "")
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            code = main(["predict", "--task=demo_entailment", f"--checkpoint={trained.model_dir}", *args])
+        finally:
+            # The job's logging goes to the stdout of this run (capsys's): detach it with the run.
+            for handler in set(root.handlers) - set(handlers):
+                root.removeHandler(handler)
+        return code, capsys.readouterr().err
+
+    return run
+
+
+# Inputs `predict` must refuse with exit 2 and one line naming the file, the line and the fix, as
+# `train` does for the same files, without writing any output.
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.jsonl", "", "--input='{input}': it has no rows; give it one input per row"),
+        ("header.csv", "premise,hypothesis\n", "--input='{input}': it has no rows; give it one input per row"),
+        ("bad.jsonl", json.dumps(PAIR) + "\n" + '{"premise": "a", "hypothesis": \n',
+         "--input='{input}': cannot load {input}: line 2 is not valid JSON (Expecting value at column 32)"),
+        ("ragged.csv", "premise,hypothesis\na,b\nc,d,e\n",
+         "--input='{input}': cannot load {input}: line 3 has 3 fields where the header has 2"),
+        ("latin.csv", "premise,hypothesis\ncaf\xe9,b\n".encode("latin-1"),
+         "--input='{input}': cannot load {input}: it is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+        ("column.jsonl", json.dumps({"premise": "a"}) + "\n",
+         "--input='{input}': no column 'hypothesis' (role 'text_pair') for task 'demo_entailment'; it has premise; "
+         "name the input columns as in the task's data (premise, hypothesis)"),
+        ("nulls.jsonl", json.dumps(PAIR) + "\n" + json.dumps({"premise": "a", "hypothesis": None}) + "\n",
+         "--input='{input}', line 2: no value in column 'hypothesis' (role 'text_pair')"),
+        ("list.jsonl", json.dumps(PAIR) + "\n[1, 2]\n",
+         "--input='{input}': cannot load {input}: line 2 is a JSON list, not an object; write one object per line"),
+        ("notes.txt", "a b\n", "--input='{input}': use a .jsonl, .json, .csv or .tsv file"),
+    ],
+)
+def test_predict_refuses_bad_input_files_with_one_line(predict_in_process, tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    output = tmp_path / "out.jsonl"
+    code, err = predict_in_process(f"--input={path}", f"--output={output}")
+    assert code == 2, err
+    assert err.startswith("error: " + expected.format(input=path)) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no output, no temporary file
+
+
+def test_predict_on_the_command_line_says_one_line_for_a_malformed_file(trained, tmp_path):
+    # In a fresh process: the loaders' own error log must not add lines to stderr.
+    inputs = tmp_path / "ragged.csv"
+    inputs.write_text("premise,hypothesis\na,b\nc,d,e\n")
+    done = run_cli("predict", "--task=demo_entailment", f"--input={inputs}", f"--checkpoint={trained.model_dir}",
+                   cwd=tmp_path, env=CLI_ENV)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: --input={str(inputs)!r}: cannot load {inputs}: line 3 has 3 fields where the header "
+                           "has 2; fix that row (quote a field that holds a comma)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ragged.csv"]
+
+
+def test_predict_refuses_an_output_that_is_a_folder_or_the_input(predict_in_process, tmp_path, monkeypatch):
+    inputs = tmp_path / "pairs.jsonl"
+    inputs.write_text(json.dumps(PAIR) + "\n")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for output, expected in (
+        ("folder", "error: --output='folder' is a folder; give a file path, e.g. folder/predictions.jsonl"),
+        (str(inputs), f"error: --output={str(inputs)!r} is the input file; write the predictions to another file"),
+        ("./pairs.jsonl", "error: --output='./pairs.jsonl' is the input file; write the predictions to another file"),
+    ):
+        code, err = predict_in_process("--input=pairs.jsonl", f"--output={output}")
+        assert (code, err) == (2, expected + "\n")
+    assert inputs.read_text() == json.dumps(PAIR) + "\n"  # the input is never overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pairs.jsonl"]
+
+
+def test_predict_refuses_a_max_seq_length_the_model_cannot_take(predict_in_process, tmp_path):
+    inputs = tmp_path / "pairs.jsonl"
+    inputs.write_text(json.dumps(PAIR) + "\n")
+    code, err = predict_in_process(f"--input={inputs}", f"--max_seq_length={2 * TINY_MAX_LENGTH}")
+    assert code == 2 and err.startswith(f"error: MAX_SEQ_LENGTH={2 * TINY_MAX_LENGTH} is not valid: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_a_crash_while_writing_predictions_leaves_no_half_written_file(predict_in_process, tmp_path, monkeypatch):
+    import types
+
+    from trainer import jobs
+
+    inputs, output = tmp_path / "pairs.jsonl", tmp_path / "predictions.jsonl"
+    inputs.write_text((json.dumps(PAIR) + "\n") * 5)
+    output.write_text("the previous predictions\n")
+    rows = []
+
+    def dumps_then_crash(value, *args, **kwargs):  # the disk fills up after three rows
+        if len(rows) == 3:
+            raise OSError("disk full")
+        rows.append(value)
+        return json.dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "json", types.SimpleNamespace(dumps=dumps_then_crash, loads=json.loads))
+    with pytest.raises(OSError, match="disk full"):
+        predict_in_process(f"--input={inputs}", f"--output={output}")
+    assert output.read_text() == "the previous predictions\n"  # old file intact, nothing half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "predictions.jsonl"]
+
+    monkeypatch.setattr(jobs, "json", json)
+    code, err = predict_in_process(f"--input={inputs}", f"--output={output}")
+    assert code == 0, err
+    assert [sorted(json.loads(line)) for line in output.read_text().splitlines()] == [["index", "label", "probabilities"]] * 5
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -129,6 +130,24 @@ def test_each_task_type_runs_and_trains_the_shared_encoder(family):
         assert all(p.grad is None for p in others), "a batch of one task must not touch the other heads"
 
 
+def test_forward_returns_only_the_loss_and_the_logits():
+    # An encoder configured to return hidden states and attentions: evaluation must still get the
+    # logits alone as predictions, never a tuple with them first.
+    config = FAMILIES["bert"]()
+    config.output_hidden_states = config.output_attentions = True
+    model = MultitaskModel(AutoModel.from_config(config), one_task_of_each_type())
+    for name, spec in model.specs.items():
+        head_output = model.heads[name](**random_inputs(spec), return_dict=True)
+        assert head_output.hidden_states is not None  # the head alone returns them
+        out = model(task=name, **random_inputs(spec))
+        assert type(out) is type(head_output)
+        assert list(out.keys()) == ["loss", "logits"], f"{spec.type}: {list(out.keys())}"
+        assert out.to_tuple()[1] is out.logits
+        inputs = random_inputs(spec)
+        inputs.pop("labels")
+        assert list(model(task=name, **inputs).keys()) == ["logits"]
+
+
 def test_an_architecture_without_the_types_auto_class_is_a_clear_error():
     # DeBERTa (v1) has sequence and token classification heads but no AutoModelForMultipleChoice.
     encoder = AutoModel.from_config(DebertaConfig(vocab_size=VOCAB, max_position_embeddings=32, **LAYERS))
@@ -142,6 +161,47 @@ def test_the_missing_auto_class_error_names_the_task():
     encoder = AutoModel.from_config(DebertaConfig(vocab_size=VOCAB, max_position_embeddings=32, **LAYERS))
     with pytest.raises(ValueError, match="task 'choice'"):
         MultitaskModel(encoder, [declare("choice", "multiple_choice", ["A", "B"])])
+
+
+# ------------------------------------------------------------------------ how long inputs may be
+class _Tokenizer:
+    def __init__(self, model_max_length: int):
+        self.model_max_length = model_max_length
+
+
+def test_max_length_is_checked_against_the_position_embeddings_and_the_tokenizer():
+    from trainer.config import ConfigError, load_config
+    from trainer.model import check_max_length
+    from trainer.tasks import TaskError
+
+    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=64, **LAYERS)
+    specs = one_task_of_each_type()
+    no_limit = _Tokenizer(int(1e30))  # transformers' "no limit" value
+    check_max_length(load_config({"max_seq_length": "64"}, environ={}, env_file=""), specs, no_limit, config)
+
+    cfg = load_config({"max_seq_length": "128", "model_name": "tiny"}, environ={}, env_file="")
+    with pytest.raises(ConfigError, match=r"^MAX_SEQ_LENGTH=128 is not valid: tiny takes at most 64 tokens "
+                                          r"\(its max_position_embeddings\); set MAX_SEQ_LENGTH=64 or less$"):
+        check_max_length(cfg, specs, no_limit, config)
+    with pytest.raises(ConfigError, match=r"takes at most 32 tokens \(its tokenizer's model_max_length\); set MAX_SEQ_LENGTH=32"):
+        check_max_length(load_config({"max_seq_length": "48", "model_name": "tiny"}, environ={}, env_file=""), specs, _Tokenizer(32), config)
+
+    # A task's own max_length is checked instead; MAX_SEQ_LENGTH only where a task uses it.
+    own = [dataclasses.replace(s, max_length=32) for s in specs]
+    check_max_length(cfg, own, no_limit, config)
+    own[1] = dataclasses.replace(own[1], max_length=100)
+    with pytest.raises(TaskError, match=r"^task 'entailment': max_length=100 is more than tiny takes \(64 tokens, its "
+                                        r"max_position_embeddings\); set max_length to 64 or less in the tasks file$"):
+        check_max_length(cfg, own, no_limit, config)
+
+
+def test_max_length_of_an_encoder_without_absolute_positions_is_the_tokenizers():
+    from trainer.config import load_config
+    from trainer.model import check_max_length
+
+    # DeBERTa-v3 style: relative positions only, max_position_embeddings is no limit on the length.
+    config = DebertaV2Config(vocab_size=VOCAB, max_position_embeddings=32, position_biased_input=False, relative_attention=True, **LAYERS)
+    check_max_length(load_config({"max_seq_length": "256"}, environ={}, env_file=""), one_task_of_each_type(), _Tokenizer(int(1e30)), config)
 
 
 # ------------------------------------------------------------------------ the encoder exists once

@@ -162,6 +162,45 @@ def test_temperature_one_is_proportional_and_a_large_one_approaches_uniform():
     np.testing.assert_allclose(mixing_weights(sizes, "temperature", temperature=1e6), [1 / 3] * 3, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-300, 5e-324])
+def test_a_tiny_temperature_gives_the_largest_task_everything_without_overflow(temperature):
+    # size ** (1/T) overflows to inf (then inf/inf = nan) or underflows to 0 for such T.
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        p = mixing_weights([10, 7, 23], "temperature", temperature=temperature)
+        tied = mixing_weights([10, 23, 23], "temperature", temperature=temperature)
+    np.testing.assert_allclose(p, [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(tied, [0, 0.5, 0.5], atol=1e-12)
+
+
+def test_temperature_weights_stay_exact_for_huge_task_sizes():
+    sizes = np.array([1e6, 4e6])
+    # (4e6) ** 100 overflows; the ratio (1/4) ** 100 does not.
+    np.testing.assert_allclose(mixing_weights(sizes.tolist(), "temperature", temperature=0.01), [0.25**100, 1.0], rtol=1e-9)
+    np.testing.assert_allclose(mixing_weights(sizes.tolist(), "temperature", temperature=2.0), [1 / 3, 2 / 3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "temperature", "temperature": 1e-300},
+         r"^SAMPLING_TEMPERATURE=1e-300 is not valid: task 'a' \(10 examples\) would get no step of an epoch \(0 of 11; probability"),
+        ({"strategy": "temperature", "temperature": 0.05},
+         r"^SAMPLING_TEMPERATURE=0.05 is not valid: task 'a' \(10 examples\) would get no step"),
+        ({"strategy": "weights", "weights": [1e-9, 1.0, 1.0]},
+         r"^TASK_WEIGHTS is not valid: task 'a' \(weight 1e-09\) would get no step of an epoch \(0 of 11; probability"),
+    ],
+)
+def test_a_task_left_without_steps_is_a_setting_error_naming_it(kwargs, message):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        MultitaskBatchSampler(SIZES, BATCH_SIZES, names=["a", "b", "c"], **kwargs)
+    assert "\n" not in str(err.value)
+    # Without names the task is named by its place.
+    with pytest.raises(ConfigError, match="task #0"):
+        MultitaskBatchSampler(SIZES, BATCH_SIZES, **kwargs)
+
+
 def test_weights_strategy_normalises_the_given_weights():
     np.testing.assert_allclose(mixing_weights([1, 1, 1], "weights", weights=[1, 1, 2]), [0.25, 0.25, 0.5])
 

@@ -101,6 +101,13 @@ def test_unparseable_tasks_file(tmp_path):
         read_tasks_file(path)
 
 
+def test_a_tasks_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_bytes("tasks:\n  - name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TaskError, match=r"^tasks file .*tasks.yaml is not UTF-8 text \(byte 0xe9 on line 2\); save it as UTF-8$"):
+        read_tasks_file(path)
+
+
 def test_duplicate_task_in_file(tmp_path):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps([BASE, BASE]))

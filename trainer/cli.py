@@ -1,23 +1,28 @@
 """Command line: `python -m trainer COMMAND [--SETTING=VALUE ...]` (python-fire).
 
-Every setting of `trainer.config.Config` is also a flag (`--learning_rate=3e-5` or
-`--learning-rate=3e-5`); flags beat the environment, which beats the env file (ENV_FILE,
-default .env). A bad setting or bad task data stops the command with exit code 2 and one line.
+Every setting of `trainer.config.Config` is also a flag (`--learning_rate=3e-5`,
+`--learning-rate 3e-5`, `--spot` alone for a bool); flags beat the environment, which beats the
+env file (ENV_FILE, default .env). A flag's value is parsed by the setting's declared type only,
+as the env file's is. A bad setting or bad task data stops the command with exit code 2 and one line.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
+import re
 import sys
 
 import fire
 
 from .checkpoint_store import CheckpointError, ResumeError
 from .cloud import CloudApiError, CloudConfigError, CloudJobFailed
-from .config import ConfigError, describe_settings, load_config
+from .config import BOOL_SETTINGS, FIELDS, ConfigError, describe_settings, load_config, parse_bool
 from .launch import LaunchError
 from .storage import StorageError
 from .tasks import TaskError
+
+_FLAG = re.compile(r"^--?[A-Za-z]")  # what fire takes for a flag (so "-1" is a value)
 
 
 class Commands:
@@ -27,6 +32,13 @@ class Commands:
     Add --demo to any command to use the built-in offline demo (tiny model, three tasks).
     """
 
+    def __init__(self, setting_flags: dict[str, str] | None = None):
+        self._setting_flags = dict(setting_flags or {})  # taken out of argv by `split_flags`
+
+    def _flags(self, settings: dict) -> dict:
+        # `settings` holds what fire still passed: flags that are no setting (load_config names them).
+        return {**self._setting_flags, **settings}
+
     def train(self, demo: bool = False, env_file: str | None = None, **settings):
         """Train all tasks together, evaluate each, save the model, export every task, write metrics.json.
 
@@ -35,7 +47,7 @@ class Commands:
         """
         from . import jobs
 
-        cfg = load_config(settings, env_file=env_file, demo=demo)
+        cfg = load_config(self._flags(settings), env_file=env_file, demo=demo)
         _relaunch_under_torchrun_if_needed()
         jobs.train(cfg)
 
@@ -46,7 +58,7 @@ class Commands:
         """
         from . import jobs
 
-        jobs.evaluate(load_config(settings, env_file=env_file, demo=demo), checkpoint)
+        jobs.evaluate(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint)
 
     def predict(self, task: str, input: str, output: str | None = None, checkpoint: str | None = None,
                 demo: bool = False, env_file: str | None = None, **settings):
@@ -58,7 +70,7 @@ class Commands:
         """
         from . import jobs
 
-        jobs.predict(load_config(settings, env_file=env_file, demo=demo), task, input, output, checkpoint)
+        jobs.predict(load_config(self._flags(settings), env_file=env_file, demo=demo), task, input, output, checkpoint)
 
     def export(self, checkpoint: str | None = None, output: str | None = None, task: str | None = None,
                demo: bool = False, env_file: str | None = None, **settings):
@@ -69,7 +81,7 @@ class Commands:
         """
         from . import jobs
 
-        jobs.export(load_config(settings, env_file=env_file, demo=demo), checkpoint, output, task)
+        jobs.export(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint, output, task)
 
     def pull(self, which: str = "latest", task: str | None = None, dest: str | None = None, list: bool = False,
              env_file: str | None = None, **settings):
@@ -81,13 +93,13 @@ class Commands:
         """
         from . import jobs
 
-        jobs.pull(load_config(settings, env_file=env_file), which=str(which), task=task, dest=dest, list_only=list)
+        jobs.pull(load_config(self._flags(settings), env_file=env_file), which=str(which), task=task, dest=dest, list_only=list)
 
     def create_bucket(self, env_file: str | None = None, **settings):
         """Create CHECKPOINT_URI's bucket in REGION (uniform bucket-level access) unless it exists."""
         from . import jobs
 
-        jobs.create_bucket(load_config(settings, env_file=env_file))
+        jobs.create_bucket(load_config(self._flags(settings), env_file=env_file))
 
     def submit(self, dry_run: bool = False, wait: bool = False, env_file: str | None = None, **settings):
         """Submit the job to Vertex AI as a custom job running IMAGE_URI (what `make cloud-train` does).
@@ -101,7 +113,7 @@ class Commands:
 
         from . import cloud
 
-        cfg = load_config(settings, env_file=env_file)
+        cfg = load_config(self._flags(settings), env_file=env_file)
         cfg = dataclasses.replace(cfg, run_name=cfg.resolved_run_name)  # the job and its restarts share one run
         cloud.submit(cfg, cfg.to_env(), args=["train"], dry_run=dry_run, wait=wait)
 
@@ -118,7 +130,7 @@ class Commands:
         name = get.lower()
         if name not in FIELDS:
             raise ConfigError(f"--get={get!r}: no such setting; run `python -m trainer settings` for the list")
-        print(format_value(getattr(load_config(settings, env_file=env_file, demo=demo), name)))
+        print(format_value(getattr(load_config(self._flags(settings), env_file=env_file, demo=demo), name)))
 
 
 def _relaunch_under_torchrun_if_needed() -> None:
@@ -139,6 +151,70 @@ def _relaunch_under_torchrun_if_needed() -> None:
         os.execv(argv[0], argv)
 
 
+def _command_parameters(argv: list[str]) -> dict[str, inspect.Parameter]:
+    """The named parameters of the command `argv` calls (its first word that is not a flag)."""
+    command = next((a for a in argv if not _FLAG.match(a)), "")
+    method = getattr(Commands, command.replace("-", "_"), None) if not command.startswith("_") else None
+    if not inspect.isfunction(method):
+        return {}
+    return {p.name: p for p in inspect.signature(method).parameters.values()
+            if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+def split_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Take the settings' flags out of `argv` before fire sees them; keep the command's own as typed.
+
+    Fire evaluates a flag's value as a Python literal: `--run_name=1e3` becomes 1000.0, `0x10`
+    16, `a,b` a tuple, and `--demo=false` the (truthy) string 'false'. Settings are parsed by
+    their declared type (`config.load_config`), so their flags leave argv as {name: text}, in
+    every form: `--name=value`, `--name value`, `--name` alone or `--noname` for a bool, dashes or
+    underscores. What stays for fire: the command's bool parameters as `--name`/`--noname`, its
+    text parameters quoted so that fire keeps them as typed, anything after `--`, and unknown
+    flags (which `load_config` refuses with a suggestion).
+
+    Raises:
+        ConfigError: a bool flag whose value is not true/false; a setting flag without a value.
+    """
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, rest = argv[:cut], argv[cut:]
+    params = _command_parameters(args)
+    kept: list[str] = []
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not _FLAG.match(arg):
+            kept.append(arg)
+            continue
+        key, has_value, value = arg.lstrip("-").partition("=")
+        name = key.replace("-", "_")
+        if not has_value and i < len(args) and not _FLAG.match(args[i]) and (
+                name.lower() in FIELDS or name in params):
+            value, has_value, i = args[i], True, i + 1  # `--name value`
+        if name.lower() in FIELDS:
+            if not has_value and name.lower() not in BOOL_SETTINGS:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            settings[name.lower()] = value if has_value else "true"
+        elif not has_value and name.lower().startswith("no") and name.lower()[2:] in BOOL_SETTINGS:
+            settings[name.lower()[2:]] = "false"
+        elif name in params and isinstance(params[name].default, bool):
+            on = _flag_bool(key, value) if has_value else True
+            kept.append(f"--{name}" if on else f"--no{name}")
+        elif name in params and has_value:
+            kept.append(f"--{name}={value!r}")  # a Python string literal: fire keeps it as typed
+        else:
+            kept.append(arg)
+    return kept + rest, settings
+
+
+def _flag_bool(key: str, text: str) -> bool:
+    value = parse_bool(text)
+    if value is None:
+        raise ConfigError(f"--{key}={text!r} is not valid: expected true or false")
+    return value
+
+
 def _end_progress_bars() -> None:
     """Close the progress bars an error interrupted, so that its line starts a line of its own."""
     tqdm = sys.modules.get("tqdm")
@@ -152,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         # The commands take **settings, which would swallow --help as a setting: ask fire for help.
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire(Commands(), command=argv, name="trainer")
+        argv, setting_flags = split_flags(argv)
+        fire.Fire(Commands(setting_flags), command=argv, name="trainer")
     except (ConfigError, TaskError, StorageError, ResumeError, LaunchError, CloudConfigError) as e:
         _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)

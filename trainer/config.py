@@ -1,7 +1,8 @@
 """One typed, validated configuration for every command.
 
 Sources, highest first: CLI flags (python-fire), the process environment, an env file
-(python-dotenv; ``ENV_FILE``, default ``.env``), the built-in demo (``--demo``), defaults.
+(python-dotenv; ``ENV_FILE``, default ``.env``), the built-in demo (``--demo``), defaults. An
+empty value in any source means "not set": the next source applies.
 
 Every setting is a field of :class:`Config` with its environment name (the field name in
 upper case), its type and a one-line help. Validation happens once, in :func:`load_config`,
@@ -15,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import typing
@@ -91,7 +93,7 @@ class Config:
     weight_decay: float = _setting(0.01, "AdamW weight decay", "training")
     lr_scheduler: str = _setting("linear", "learning-rate schedule: " + "|".join(LR_SCHEDULERS), "training")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables)", "training")
-    precision: str = _setting("auto", "auto (bf16 on a GPU that supports it, else fp32)|fp32|bf16|fp16", "training")
+    precision: str = _setting("auto", "auto (bf16 on a GPU of compute capability >= 8.0, fp16 on an older GPU, else fp32)|fp32|bf16|fp16", "training")
     seed: int = _setting(42, "random seed for weights, sampling and data order", "training")
     logging_steps: int = _setting(50, "log training loss every N steps", "training")
     eval_strategy: str = _setting("epoch", "when to evaluate: no|steps|epoch", "training")
@@ -173,6 +175,7 @@ class Config:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
+BOOL_SETTINGS = frozenset(name for name, tp in _TYPES.items() if tp is bool)  # a flag alone turns them on
 
 DEMO_SETTINGS = {
     "model_name": str(DEMO_DIR / "model"),
@@ -180,6 +183,7 @@ DEMO_SETTINGS = {
     "tasks": "demo_similarity,demo_entailment,demo_choice",
     "tasks_file": str(DEMO_DIR / "tasks.json"),
     "run_name": "demo",
+    "max_seq_length": "64",  # the demo model's position embeddings
     "learning_rate": "5e-4",
     "num_train_epochs": "12",
     "train_batch_size": "32",
@@ -200,12 +204,42 @@ def format_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def parse_bool(raw: Any) -> bool | None:
+    """The bool a setting's value says (true/false, yes/no, on/off, 1/0, any case); None if neither."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def _bad(name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{name.upper()}={value!r} is not valid: expected {allowed}")
 
 
+def _to_float(name: str, raw: Any, value: Any) -> float:
+    # Every float setting is finite: inf passes range checks such as "> 0" and then breaks the
+    # schedule, the sampler or a timer far from the setting that caused it.
+    if isinstance(value, bool):
+        raise _bad(name, raw, "a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _bad(name, raw, "a number, e.g. 2e-5") from None
+    if not math.isfinite(number):
+        raise _bad(name, raw, "a finite number")
+    return number
+
+
 def _parse(name: str, raw: Any) -> Any:
-    """Convert a raw value (string from env, or a Python value from fire) to the field's type."""
+    """Convert a raw value (a string from the env file, the environment or a flag) to the field's type.
+
+    Raises:
+        ConfigError: the value does not parse as the type, or is a non-finite float.
+    """
     tp = _TYPES[name]
     optional = type(None) in typing.get_args(tp)
     if optional:
@@ -220,14 +254,10 @@ def _parse(name: str, raw: Any) -> Any:
         raise _bad(name, raw, f"a value of type {getattr(tp, '__name__', tp)}")
     origin = typing.get_origin(tp)
     if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise _bad(name, raw, "true or false")
+        value = parse_bool(raw)
+        if value is None:
+            raise _bad(name, raw, "true or false")
+        return value
     if tp is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise _bad(name, raw, "a whole number")
@@ -236,12 +266,7 @@ def _parse(name: str, raw: Any) -> Any:
         except ValueError:
             raise _bad(name, raw, "a whole number") from None
     if tp is float:
-        if isinstance(raw, bool):
-            raise _bad(name, raw, "a number")
-        try:
-            return float(raw)
-        except ValueError:
-            raise _bad(name, raw, "a number, e.g. 2e-5") from None
+        return _to_float(name, raw, raw)
     if tp is str:
         if isinstance(raw, (list, tuple, dict)):
             raise _bad(name, raw, "a single value")
@@ -264,6 +289,9 @@ def _parse(name: str, raw: Any) -> Any:
                 pairs.append((k.strip(), v.strip()))
         out = {}
         for k, v in pairs:
+            if value_type is float:
+                out[str(k)] = _to_float(name, raw, v)
+                continue
             try:
                 out[str(k)] = value_type(v)
             except ValueError:
@@ -273,6 +301,31 @@ def _parse(name: str, raw: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- sources
+def not_utf8(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str | None:
+    """Where a text file stops being UTF-8 ("byte 0xe9 on line 3"), or None if it is UTF-8.
+
+    Reads the file in chunks (a data file may be large); shared by every reader of user files
+    (env file, tasks file, data files, predict inputs) so each can name the line to fix.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # e.start counts from the bytes the decoder still held from the previous chunk.
+                pending = len(e.object) - len(chunk)
+                line = lines_before + chunk.count(b"\n", 0, max(e.start - pending, 0))
+                return f"byte 0x{e.object[e.start]:02x} on line {line}"
+            if not chunk:
+                return None
+            lines_before += chunk.count(b"\n")
+
+
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key.lower(), list(FIELDS), n=1, cutoff=0.75)
     return f" (did you mean {close[0].upper()}?)" if close else ""
@@ -286,6 +339,9 @@ def read_env_file(path: str | os.PathLike) -> dict[str, str]:
     """Read KEY=value pairs with python-dotenv; unknown keys are errors (typos), foreign ones pass."""
     from dotenv import dotenv_values
 
+    problem = not_utf8(path)
+    if problem:
+        raise ConfigError(f"env file {path} is not UTF-8 text ({problem}); save it as UTF-8")
     values = dotenv_values(path)
     out = {}
     for key, value in values.items():
@@ -313,23 +369,31 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     layers: dict[str, Any] = {}
+
+    def given(name: str, value: Any) -> None:
+        # An empty value means "not set" in every source (`KEY=` in a file, an empty variable,
+        # `--key=`): the next source down, in the end the default, applies.
+        if not (value is None or (isinstance(value, str) and not value.strip())):
+            layers[name] = value
+
     if demo:
         layers.update(DEMO_SETTINGS)
     path = env_file if env_file is not None else environ.get("ENV_FILE", ".env")
     if path and Path(path).is_file():
-        layers.update(read_env_file(path))
+        for name, value in read_env_file(path).items():
+            given(name, value)
     elif path and (env_file is not None or "ENV_FILE" in environ):
         raise ConfigError(f"ENV_FILE={str(path)!r} does not exist: create it from .env.example or fix the path")
     for name in FIELDS:
         if name.upper() in environ:
-            layers[name] = environ[name.upper()]
+            given(name, environ[name.upper()])
     if "checkpoint_uri" not in layers and environ.get("AIP_CHECKPOINT_DIR"):
         layers["checkpoint_uri"] = environ["AIP_CHECKPOINT_DIR"]  # Vertex AI's contract
     for key, value in (cli or {}).items():
         name = _normalize_cli_key(key)
         if name not in FIELDS:
             raise ConfigError(f"unknown flag --{key}{_suggest(name)}: run `python -m trainer settings` for the list")
-        layers[name] = value
+        given(name, value)
     cfg = Config(**{name: _parse(name, value) for name, value in layers.items()})
     validate(cfg)
     return cfg

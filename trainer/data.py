@@ -8,8 +8,12 @@ built, and every error names the task, the split and the column.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
+import json
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import not_utf8
 from .tasks import TaskError, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -35,41 +40,204 @@ def file_loader_args(path: str) -> tuple[str, dict[str, Any]]:
     return "parquet", {}
 
 
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it was raised from or during, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _ragged_row(path: Path) -> tuple[int, int, int] | None:
+    """(line, fields, header fields) of the first CSV/TSV row whose field count is not the header's."""
+    _, kwargs = file_loader_args(str(path))
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=kwargs.get("delimiter", ","), quoting=kwargs.get("quoting", csv.QUOTE_MINIMAL))
+        width, start = None, 0
+        for fields in reader:
+            if fields:
+                if width is None:
+                    width = len(fields)
+                elif len(fields) != width:
+                    return start + 1, len(fields), width
+            start = reader.line_num
+    return None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """What is wrong with the first line of a JSON Lines file that is not one JSON object."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if number == 1 and line.lstrip().startswith("["):
+                return None  # one JSON document (a list of rows), not JSON Lines
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno}); fix it (one JSON object per line)"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object; write one object per line"
+    return None
+
+
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _load_problem(path: Path, error: BaseException) -> str:
+    """Why a loader could not read `path`, with the fix (the file is UTF-8: see `load_file`)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            ragged = _ragged_row(path)
+            if ragged:
+                line, fields, width = ragged
+                hint = "a TSV field cannot hold a tab" if suffix == ".tsv" else "quote a field that holds a comma"
+                return f"line {line} has {fields} fields where the header has {width}; fix that row ({hint})"
+        if suffix in (".jsonl", ".json"):
+            bad = _bad_json_line(path)
+            if bad:
+                return bad
+    except (OSError, csv.Error):
+        pass
+    root = _causes(error)[-1]
+    found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(root))  # pandas' ParserError
+    if found:
+        return f"line {found[2]} has {found[3]} fields where the header has {found[1]}; fix that row"
+    return f"{_first_line(root)}; check the file's format and columns"
+
+
+@contextlib.contextmanager
+def _quiet_datasets_errors():
+    # The loaders log "Failed to read file ..." before raising; the one line below says it better.
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def load_file(path: str | Path, split: str, *, where: str, empty: str):
+    """Load one data file (.csv, .tsv, .jsonl, .json, .parquet) as a `datasets.Dataset`.
+
+    `where` starts every message (e.g. "task 'rte', split train"); `empty` is the message for a
+    file without rows. The loaders say only "An error occurred while generating the dataset":
+    the message names the cause, the line and the fix.
+
+    Raises:
+        TaskError: the file is not UTF-8 text, does not parse (the line and the fix), or has no rows.
+    """
+    import datasets
+
+    path = Path(path)
+    text = path.suffix.lower() in TEXT_SUFFIXES
+    # Checked first: a JSON loader may read invalid UTF-8 without complaint and fail later.
+    problem = not_utf8(path) if text else None
+    if problem:
+        raise TaskError(f"{where}: cannot load {path}: it is not UTF-8 text ({problem}); save it as UTF-8")
+    if text and _is_blank(path):
+        raise TaskError(f"{where}: {empty}")
+    builder, kwargs = file_loader_args(str(path))
+    try:
+        with _quiet_datasets_errors():
+            ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
+        first = " ".join(_first_line(c) for c in _causes(e))
+        if "corresponds to no data" in first or "No columns to parse" in first:
+            raise TaskError(f"{where}: {empty}") from None
+        raise TaskError(f"{where}: cannot load {path}: {_load_problem(path, e)}") from None
+    if len(ds) == 0:
+        raise TaskError(f"{where}: {empty}")
+    return ds
+
+
 def load_split(spec: TaskSpec, split: str):
     """Load one split ("train" or "validation") of a task as a `datasets.Dataset`.
 
     Raises:
-        TaskError: the file is missing or unreadable, the Hub dataset cannot be loaded, or the split is empty.
+        TaskError: the file is missing or unreadable (see `load_file`), the Hub dataset cannot be
+            loaded, or the split is empty.
     """
     import datasets
 
     where = f"task {spec.name!r}, split {split}"
+    empty = "the split is empty; give it data or remove the task"
+    if spec.files is not None:
+        path = spec.files[split]
+        if not Path(path).is_file():
+            raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
+        return load_file(path, split, where=where, empty=empty)
     try:
-        if spec.files is not None:
-            path = spec.files[split]
-            if not Path(path).is_file():
-                raise TaskError(f"{where}: file {path} does not exist; fix 'files' in the tasks file")
-            builder, kwargs = file_loader_args(path)
-            ds = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
-        else:
-            ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))
-    except TaskError:
-        raise
+        ds = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.splits.get(split, split))
     except Exception as e:  # noqa: BLE001 - the loaders raise many types; one line with the fix
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if "corresponds to no data" in first or "No columns to parse" in first:
-            raise TaskError(f"{where}: the split is empty; give it data or remove the task") from None
-        source = spec.files[split] if spec.files else f"Hub dataset {spec.hub}" + (f" ({spec.hub_config})" if spec.hub_config else "")
-        hint = ("check the file's format and columns" if spec.files else
-                "check the name, your network (HF_HUB_OFFLINE) and that the split exists, or use local 'files' in a tasks file")
-        raise TaskError(f"{where}: cannot load {source}: {first}; {hint}") from None
+        source = f"Hub dataset {spec.hub}" + (f" ({spec.hub_config})" if spec.hub_config else "")
+        raise TaskError(f"{where}: cannot load {source}: {_first_line(e)}; check the name, your network "
+                        "(HF_HUB_OFFLINE) and that the split exists, or use local 'files' in a tasks file") from None
     if len(ds) == 0:
-        raise TaskError(f"{where}: the split is empty; give it data or remove the task")
+        raise TaskError(f"{where}: {empty}")
     return ds
 
 
 def has_split(spec: TaskSpec, split: str) -> bool:
     return split in spec.files if spec.files is not None else split in spec.splits
+
+
+def source_line(path: str | Path, row: int) -> int | None:
+    """The line of `path` on which data row `row` (0-based) starts, counted as the loaders read
+    the file: CSV/TSV after the header, with blank lines skipped and quoted fields spanning
+    lines; JSON Lines one object per non-blank line. None for other formats or a short file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if suffix in (".csv", ".tsv"):
+                _, kwargs = file_loader_args(str(path))
+                reader = csv.reader(f, delimiter=kwargs.get("delimiter", ","), quoting=kwargs.get("quoting", csv.QUOTE_MINIMAL))
+                records, start = -1, 0  # the header is record -1
+                for fields in reader:
+                    if fields:
+                        if records == row:
+                            return start + 1
+                        records += 1
+                    start = reader.line_num
+                return None
+            if suffix in (".jsonl", ".json"):
+                records = 0
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if records == 0 and line.lstrip().startswith("["):
+                        return None  # one JSON document, not JSON Lines
+                    if records == row:
+                        return number
+                    records += 1
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
+
+
+def _row(spec: TaskSpec, split: str, row: int) -> str:
+    """`task 'x', split train, line 12 of FILE` (or `row 11` where lines do not apply)."""
+    where = f"task {spec.name!r}, split {split}"
+    path = spec.files.get(split) if spec.files else None
+    line = source_line(path, row) if path else None
+    return f"{where}, line {line} of {path}" if line else f"{where}, row {row + 1}" + (f" of {path}" if path else "")
 
 
 # ------------------------------------------------------------------------------ checks and labels
@@ -104,6 +272,69 @@ def _choices(spec: TaskSpec, row_or_batch: dict, i: int | None = None) -> list[s
     return [str(v) for v in value]
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _label_problem(spec: TaskSpec, col: str, value: Any, tokens: Any) -> str | None:
+    """What is wrong with one row's label, with the fix; None if nothing."""
+    if spec.type == "token_classification":
+        if value is None:
+            return f"no tags in column {col!r}; give every row a tag per token"
+        empty = next((k for k, tag in enumerate(value) if _missing(tag)), None)
+        if empty is not None:
+            return f"tag {empty + 1} in column {col!r} is empty; give every token a tag"
+        if len(tokens) != len(value):
+            return f"{len(tokens)} tokens but {len(value)} tags in column {col!r}; give every token exactly one tag"
+        return None
+    if _missing(value):
+        # A CSV/TSV row with a missing field reads as an empty last column.
+        return f"no label in column {col!r}; give the row its label or remove it (check for a missing field)"
+    if spec.type == "regression":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"label {value!r} in column {col!r} is not a number; a regression target must be a number"
+        if not math.isfinite(number):
+            return f"label {value!r} in column {col!r} is not a finite number; fix the row or remove it"
+    return None
+
+
+def input_columns(spec: TaskSpec) -> list[tuple[str, str]]:
+    """(role, column) of every declared column the model reads (all but the label)."""
+    return [(role, col) for role, col in _column_names(spec) if role != "label"]
+
+
+def missing_input(spec: TaskSpec, ds) -> tuple[int, str, str] | None:
+    """(row, column, role) of the first row with no value (null) in an input column, or None."""
+    for role, col in input_columns(spec):
+        row = next((i for i, v in enumerate(ds[col]) if v is None), None)
+        if row is not None:
+            return row, col, role
+    return None
+
+
+def check_values(spec: TaskSpec, split: str, ds) -> None:
+    """Refuse rows that would train silently but wrong, naming the row's file and line.
+
+    Runs before the labels are resolved, so an empty cell never becomes a class named ''.
+
+    Raises:
+        TaskError: a missing value in a declared column, a missing or empty label, a regression
+            target that is not a finite number, or a token row whose tags do not match its tokens.
+    """
+    missing = missing_input(spec, ds)
+    if missing is not None:
+        row, col, role = missing
+        raise TaskError(f"{_row(spec, split, row)}: no value in column {col!r} (role {role!r}); fill it in or remove the row")
+    col = spec.columns["label"]
+    tokens = ds[spec.columns["tokens"]] if spec.type == "token_classification" else None
+    for i, value in enumerate(ds[col]):
+        problem = _label_problem(spec, col, value, tokens[i] if tokens is not None else None)
+        if problem:
+            raise TaskError(f"{_row(spec, split, i)}: {problem}")
+
+
 def _label_values(spec: TaskSpec, ds) -> list[Any]:
     col = spec.columns["label"]
     if spec.type == "token_classification":  # a list of tags per row
@@ -126,15 +357,28 @@ def resolve_labels(spec: TaskSpec, train_ds) -> TaskSpec:
     """Fill in the label names from the declaration, the dataset's ClassLabel, or the train split.
 
     Raises:
-        TaskError: num_labels disagrees with the labels found in the data.
+        TaskError: num_labels disagrees with the labels found in the data; the train split holds
+            a single class (a classifier of one class has loss 0 and learns nothing), or a
+            multiple-choice task has fewer than two choices.
     """
     if not spec.task_type.has_label_set:
         return spec
+    where = f"task {spec.name!r}, split train"
+    if spec.type == "multiple_choice":
+        if spec.labels is not None:
+            return spec
+        n = len(_choices(spec, train_ds[0]))
+        if n < 2:
+            raise TaskError(f"{where}: {n} choice(s) per example in column {spec.columns['choices']!r}; "
+                            "multiple choice needs at least two")
+        return spec.with_labels([str(i) for i in range(n)])
+    present = _label_values(spec, train_ds)
+    if len(present) < 2:
+        only = present[0] if present else None
+        raise TaskError(f"{where}: every label in column {spec.columns['label']!r} is {only!r}; a classifier needs "
+                        "examples of at least two classes: add rows of the others (MAX_TRAIN_SAMPLES, if set, keeps the first rows only)")
     if spec.labels is not None:
         return spec
-    if spec.type == "multiple_choice":
-        n = len(_choices(spec, train_ds[0]))
-        return spec.with_labels([str(i) for i in range(n)])
     names = _label_feature_names(spec, train_ds)
     if names is None:
         names = [str(v) for v in sorted(set(_label_values(spec, train_ds)), key=_sort_key)]
@@ -161,16 +405,14 @@ def label_to_id(spec: TaskSpec, value: Any) -> int | None:
 
 
 def check_labels(spec: TaskSpec, split: str, ds) -> None:
-    """Raises TaskError for labels outside the label set, non-numeric regression targets,
-    varying numbers of choices, or token/tag sequences of different lengths."""
+    """Check a split's labels against the resolved label set (after `check_values`).
+
+    Raises:
+        TaskError: a label outside the label set, or examples with another number of choices.
+    """
     where = f"task {spec.name!r}, split {split}"
     col = spec.columns["label"]
     if spec.type == "regression":
-        for v in ds.unique(col):
-            try:
-                float(v)
-            except (TypeError, ValueError):
-                raise TaskError(f"{where}: column {col!r} must hold numbers for a regression task, found {v!r}") from None
         return
     bad = [v for v in _label_values(spec, ds) if label_to_id(spec, v) is None]
     if bad:
@@ -183,11 +425,6 @@ def check_labels(spec: TaskSpec, split: str, ds) -> None:
         if len(counts) != 1 or len(spec.labels) != next(iter(counts)):
             raise TaskError(f"{where}: every example needs the same number of choices as 'labels' "
                             f"({len(spec.labels)}); found {sorted(counts)}")
-    if spec.type == "token_classification":
-        tokens, tags = ds[spec.columns["tokens"]], ds[col]
-        for i, (tok, tag) in enumerate(zip(tokens, tags)):
-            if len(tok) != len(tag):
-                raise TaskError(f"{where}: row {i} has {len(tok)} tokens but {len(tag)} tags in column {col!r}")
 
 
 # ------------------------------------------------------------------------------ tokenization
@@ -302,7 +539,8 @@ def load_task(spec: TaskSpec, *, need_train: bool = True, max_train: int | None 
     """Load and check a task's raw splits; returns the spec with labels resolved and the splits.
 
     Raises:
-        TaskError: on any data problem (see `load_split`, `check_columns`, `check_labels`).
+        TaskError: on any data problem (see `load_split`, `check_columns`, `check_values`,
+            `resolve_labels`, `check_labels`).
     """
     raw: dict[str, Any] = {}
     wanted = (["train"] if need_train else []) + (["validation"] if has_split(spec, "validation") else [])
@@ -314,6 +552,7 @@ def load_task(spec: TaskSpec, *, need_train: bool = True, max_train: int | None 
         if limit is not None and len(ds) > limit:
             ds = ds.select(range(limit))
         check_columns(spec, split, ds)
+        check_values(spec, split, ds)
         raw[split] = ds
     if "train" in raw:
         spec = resolve_labels(spec, raw["train"])

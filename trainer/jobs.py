@@ -16,8 +16,18 @@ from typing import Any
 from . import faults
 from .checkpoint_store import CheckpointError
 from .config import Config
-from .data import TaskData, file_loader_args, load_task, make_collator, tokenize
-from .model import MULTITASK_FILE, MultitaskModel, load_encoder
+from .data import (
+    TEXT_SUFFIXES,
+    TaskData,
+    input_columns,
+    load_file,
+    load_task,
+    make_collator,
+    missing_input,
+    source_line,
+    tokenize,
+)
+from .model import MULTITASK_FILE, MultitaskModel, check_max_length, encoder_config, load_encoder
 from .platform import export_to_model_dir, platform_callbacks
 from .storage import StorageError
 from .tasks import TaskError, TaskSpec, resolve_tasks
@@ -27,6 +37,7 @@ from .training import (
     NonFiniteLoss,
     build_training_args,
     chance_scores,
+    check_task_mixing,
     decode,
     resolve_precision,
 )
@@ -71,18 +82,23 @@ def tokenize_tasks(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenize
     return tasks
 
 
-def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec], list[dict]]:
-    """Load and check every task's training data, the node's main process first: the others then
-    read the datasets cache instead of every rank reading the files (or the Hub) at once."""
+def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec], list[dict], Any]:
+    """Load and check every task's training data, then the tokenizer, and check the settings the
+    data and the model decide (task mixing, maximum length): everything that can refuse the job
+    before it writes anything. The node's main process reads first: the others then read the
+    datasets cache instead of every rank reading the files (or the Hub) at once."""
     with args.main_process_first(local=True, desc="loading the data"):
-        return prepare_tasks(cfg, specs, need_train=True)
+        specs, raw = prepare_tasks(cfg, specs, need_train=True)
+    check_task_mixing(cfg, specs, [len(splits["train"]) for splits in raw])
+    tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
+    check_max_length(cfg, specs, tokenizer, encoder_config(cfg.model_name))
+    return specs, raw, tokenizer
 
 
-def tokenize_data(cfg: Config, specs: list[TaskSpec], raw: list[dict], args) -> tuple[Any, list[TaskData]]:
-    """The tokenizer and the tokenized tasks, the node's main process first (then the cache)."""
+def tokenize_data(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenizer, args) -> list[TaskData]:
+    """The tokenized tasks, the node's main process first (the others then read the cache)."""
     with args.main_process_first(local=True, desc="tokenizing the data"):
-        tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
-        return tokenizer, tokenize_tasks(cfg, specs, raw, tokenizer)
+        return tokenize_tasks(cfg, specs, raw, tokenizer)
 
 
 def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str = "eval") -> dict[str, Any]:
@@ -175,7 +191,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
     if tensorboard:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
     args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
-    specs, raw = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
+    specs, raw, tokenizer = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
         lock = LocalRunLock(cfg.run_dir)
@@ -185,7 +201,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             lease = RunLease(store, run, seconds=cfg.run_lease_seconds)
             lease.acquire()
         try:
-            tokenizer, tasks = tokenize_data(cfg, specs, raw, args)
+            tasks = tokenize_data(cfg, specs, raw, tokenizer, args)
             set_seed(cfg.seed)
             model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
@@ -449,6 +465,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     setup_logging()
     path, model, tokenizer = _load_saved(cfg, checkpoint)
     specs = list(model.specs.values())
+    check_max_length(cfg, specs, tokenizer, model.config)
     specs, raw = prepare_tasks(cfg, specs, need_train=False)
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     metrics = _trainer_for(cfg, model, tasks, tokenizer, path).evaluate()
@@ -474,16 +491,32 @@ def export(cfg: Config, checkpoint: str | None = None, output: str | None = None
     return done
 
 
-def _read_inputs(path: Path):
-    import datasets
+def _read_inputs(path: Path, spec: TaskSpec):
+    """The inputs file as a dataset, checked as `train` checks a task's data files.
 
-    suffix = path.suffix.lower()
+    Raises:
+        TaskError: the file is missing, of another type, not UTF-8, malformed or empty (see
+            `data.load_file`); it lacks an input column of the task, or a row has no value in one.
+    """
+    where = f"--input={str(path)!r}"
     if not path.is_file():
-        raise TaskError(f"--input={str(path)!r} does not exist")
-    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-        raise TaskError(f"--input={str(path)!r}: use a .jsonl, .csv or .tsv file")
-    builder, kwargs = file_loader_args(str(path))
-    return datasets.load_dataset(builder, data_files={"test": str(path)}, split="test", **kwargs)
+        raise TaskError(f"{where} " + ("is a folder; give a .jsonl, .json, .csv or .tsv file" if path.is_dir() else "does not exist"))
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise TaskError(f"{where}: use a .jsonl, .json, .csv or .tsv file")
+    ds = load_file(path, "test", where=where, empty="it has no rows; give it one input per row (after a header line in a .csv or .tsv)")
+    needed = input_columns(spec)
+    for role, col in needed:
+        if col not in ds.column_names:
+            raise TaskError(f"{where}: no column {col!r} (role {role!r}) for task {spec.name!r}; it has "
+                            f"{', '.join(ds.column_names)}; name the input columns as in the task's data "
+                            f"({', '.join(c for _, c in needed)})")
+    missing = missing_input(spec, ds)
+    if missing is not None:
+        row, col, role = missing
+        line = source_line(path, row)
+        raise TaskError(f"{where}, " + (f"line {line}" if line else f"row {row + 1}") +
+                        f": no value in column {col!r} (role {role!r}); fill it in or remove the row")
+    return ds
 
 
 def _with_placeholder_labels(spec: TaskSpec, ds):
@@ -498,18 +531,25 @@ def _with_placeholder_labels(spec: TaskSpec, ds):
 
 
 def predict(cfg: Config, task: str, input: str, output: str | None = None, checkpoint: str | None = None) -> Path:
-    """Predict `task` on a jsonl/csv/tsv of inputs; writes one JSON line per input."""
+    """Predict `task` on a jsonl/json/csv/tsv of inputs; writes one JSON line per input, atomically.
+
+    Raises:
+        TaskError: a bad --input (see `_read_inputs`), --output or --task, before predicting.
+        ConfigError: MAX_SEQ_LENGTH is longer than the model takes.
+    """
     import numpy as np
     from scipy.special import softmax
 
     from .data import check_columns
 
     setup_logging()
+    out_path = _output_path(Path(input), output, task)
     path, model, tokenizer = _load_saved(cfg, checkpoint)
     if task not in model.specs:
         raise TaskError(f"--task={task!r} is not in this model; it has {', '.join(model.specs)}")
     spec = model.specs[task]
-    ds = _with_placeholder_labels(spec, _read_inputs(Path(input)))
+    check_max_length(cfg, [spec], tokenizer, model.config)
+    ds = _with_placeholder_labels(spec, _read_inputs(Path(input), spec))
     check_columns(spec, "input", ds)
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length)
     data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer))
@@ -527,13 +567,50 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
         for p in probs:
             k = int(p.argmax())
             rows.append({"label": spec.labels[k], "index": k, "probabilities": [round(float(x), 6) for x in p]})
-    out_path = Path(output) if output else Path(input).with_suffix(f".{task}.predictions.jsonl")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    _write_jsonl(out_path, rows)
     logger.info("Wrote %d predictions to %s", len(rows), out_path)
     return out_path
+
+
+def _output_path(input: Path, output: str | None, task: str) -> Path:
+    """Where `predict` writes: --output, else beside the input; checked before any work.
+
+    Raises:
+        TaskError: --output is a folder, is the input file, or lies in a path whose folder is a file.
+    """
+    if not output:
+        return input.with_suffix(f".{task}.predictions.jsonl")
+    out = Path(output)
+    if out.is_dir():
+        raise TaskError(f"--output={output!r} is a folder; give a file path, e.g. {out / 'predictions.jsonl'}")
+    if out.resolve() == input.resolve() or (out.exists() and input.exists() and out.samefile(input)):
+        raise TaskError(f"--output={output!r} is the input file; write the predictions to another file")
+    folder = next((p for p in out.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise TaskError(f"--output={output!r}: {folder} is a file, not a folder; choose another path")
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write one JSON line per row atomically: a temporary file in the same folder, then a rename,
+    so a crash leaves the previous file (or none), never a half-written one."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------ the bucket

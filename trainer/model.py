@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tasks import TaskSpec
+from .config import Config, ConfigError
+from .tasks import TaskError, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,18 @@ class MultitaskModel(nn.Module):
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
     def forward(self, task: str, **inputs):
+        """Run `task`'s head: its usual `ModelOutput` with the loss (given labels) and the logits only.
+
+        Hidden states and attentions are dropped so that evaluation's predictions are always the
+        logits array (the Trainer would otherwise gather a tuple of every output).
+
+        Raises:
+            KeyError: unknown task.
+        """
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
-        return self.heads[task](**inputs, return_dict=True)
+        out = self.heads[task](**inputs, return_dict=True)
+        return type(out)(loss=out.loss, logits=out.logits)
 
     # ---------------------------------------------------------------- saving and loading
     def describe(self) -> dict:
@@ -117,8 +127,6 @@ class MultitaskModel(nn.Module):
         """
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
-
-        from .tasks import TaskSpec
 
         directory = Path(directory)
         for name in (WEIGHTS_FILE, MULTITASK_FILE, "config.json"):
@@ -162,10 +170,56 @@ class MultitaskModel(nn.Module):
         return directory
 
 
+TOKENIZER_NO_LIMIT = 1_000_000  # transformers sets model_max_length to ~1e30 when a tokenizer declares none
+
+
+def encoder_config(model_name: str):
+    """The encoder's config (its folder's config.json, or the Hub's), without any weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_name)
+
+
+def max_input_length(tokenizer, model_config) -> tuple[int, str] | None:
+    """(the most tokens the model takes, which limit that is), or None if neither says."""
+    limits = []
+    positions = getattr(model_config, "max_position_embeddings", None)
+    # Encoders with relative positions only (DeBERTa-v2/v3: position_biased_input=False) have no
+    # absolute position table, so their max_position_embeddings does not bound the length.
+    if isinstance(positions, int) and positions > 0 and getattr(model_config, "position_biased_input", True):
+        limits.append((positions, "its max_position_embeddings"))
+    tokens = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokens, int) and 0 < tokens < TOKENIZER_NO_LIMIT:
+        limits.append((tokens, "its tokenizer's model_max_length"))
+    return min(limits) if limits else None
+
+
+def check_max_length(cfg: Config, specs: list[TaskSpec], tokenizer, model_config) -> None:
+    """Check that every task's truncation length fits the model, before any data is tokenized.
+
+    Longer inputs would index past the position embeddings in the first batch that holds one.
+
+    Raises:
+        ConfigError: MAX_SEQ_LENGTH (used by a task without its own max_length) is too long.
+        TaskError: a task's max_length is too long.
+    """
+    limit = max_input_length(tokenizer, model_config)
+    if limit is None:
+        return
+    most, which = limit
+    for spec in specs:
+        if spec.max_length is not None and spec.max_length > most:
+            raise TaskError(f"task {spec.name!r}: max_length={spec.max_length} is more than {cfg.model_name} takes "
+                            f"({most} tokens, {which}); set max_length to {most} or less in the tasks file")
+    if any(s.max_length is None for s in specs) and cfg.max_seq_length > most:
+        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.max_seq_length} is not valid: {cfg.model_name} takes at most {most} "
+                          f"tokens ({which}); set MAX_SEQ_LENGTH={most} or less")
+
+
 def load_encoder(model_name: str, init: str, dtype: torch.dtype | None = None):
     """The shared encoder: pretrained weights, or built from the model's config (`scratch`)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     if init == "scratch":
-        return AutoModel.from_config(AutoConfig.from_pretrained(model_name))
+        return AutoModel.from_config(encoder_config(model_name))
     return AutoModel.from_pretrained(model_name, **({"dtype": dtype} if dtype is not None else {}))

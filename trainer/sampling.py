@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from .config import ConfigError
+
 STRATEGIES = ("proportional", "temperature", "uniform", "round_robin", "weights")
 _MEGABATCH = 50  # batches per length-sorted megabatch, as in transformers' LengthGroupedSampler
 
@@ -24,14 +26,25 @@ def mixing_weights(
     sizes: Sequence[int], strategy: str, *, temperature: float = 2.0, cap: int | None = None,
     weights: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Probability of each task per step under `strategy`. Raises ValueError for an unknown one."""
+    """Probability of each task per step under `strategy`.
+
+    Raises:
+        ValueError: an unknown strategy, a temperature that is not > 0, or weights that do not match.
+    """
     sizes_arr = np.asarray(sizes, dtype=np.float64)
     if cap is not None:
         sizes_arr = np.minimum(sizes_arr, cap)
     if strategy == "proportional":
         w = sizes_arr
     elif strategy == "temperature":
-        w = sizes_arr ** (1.0 / temperature)
+        if not temperature > 0:
+            raise ValueError(f"the sampling temperature must be > 0, got {temperature!r}")
+        # size ** (1/T) overflows to inf (and inf/inf is nan) or underflows for a small T. The
+        # ratios to the largest task, (size / largest) ** (1/T), taken in log space, lie in
+        # [0, 1] for any T > 0; the largest task's is 1, so the sum is never 0.
+        with np.errstate(divide="ignore", over="ignore", under="ignore"):  # -inf and 0 are the limits
+            log_sizes = np.log(sizes_arr)
+            w = np.exp((log_sizes - log_sizes.max()) / temperature)
     elif strategy in ("uniform", "round_robin"):
         w = np.ones_like(sizes_arr)
     elif strategy == "weights":
@@ -65,6 +78,13 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         limit: optional ``(epoch, batches per epoch) -> number of batches or None``: the epoch ends after that many
             batches (the run's last step falls inside it), so nothing is drawn past the end of
             training, also when a resume starts there.
+        names: optional task names, for error messages.
+
+    Raises:
+        ValueError: inconsistent sizes, batch sizes, rank or strategy.
+        ConfigError: the strategy leaves a task without a single step of an epoch (a tiny
+            SAMPLING_TEMPERATURE or task weight): the schedule is the same every epoch, so that
+            task would never train.
     """
 
     def __init__(
@@ -83,6 +103,7 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         group_by_length: bool = False,
         drop_last: bool = False,
         limit=None,
+        names: Sequence[str] | None = None,
     ):
         if len(sizes) != len(batch_sizes) or not sizes:
             raise ValueError("need one batch size per task and at least one task")
@@ -104,6 +125,24 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         self.limit = limit
         self.epoch = 0
         self.batch_size = max(self.batch_sizes)  # read by tools that inspect samplers
+        self._check_every_task_trains(names, temperature, weights)
+
+    def _check_every_task_trains(self, names: Sequence[str] | None, temperature: float,
+                                 weights: Sequence[float] | None) -> None:
+        counts, steps = self.steps_per_task(), len(self)
+        for task, count in enumerate(counts):
+            if count:
+                continue
+            who = f"task {names[task]!r}" if names is not None else f"task #{task}"
+            share = f"no step of an epoch (0 of {steps}; probability {self.probabilities[task]:.3g}), so it would never train"
+            if self.strategy == "temperature":
+                raise ConfigError(f"SAMPLING_TEMPERATURE={temperature:g} is not valid: {who} ({self.sizes[task]} examples) "
+                                  f"would get {share}; use a larger SAMPLING_TEMPERATURE (1 mixes by task size, "
+                                  "larger values approach uniform)")
+            if self.strategy == "weights":
+                raise ConfigError(f"TASK_WEIGHTS is not valid: {who} (weight {weights[task]:g}) would get {share}; "
+                                  "give it a larger weight")
+            raise ConfigError(f"SAMPLING={self.strategy} is not valid: {who} would get {share}")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; the Trainer calls this before iterating (also after a resume)."""
@@ -146,14 +185,17 @@ class MultitaskBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return sum(self.batches_per_pass(t) for t in range(len(self.sizes)))
 
+    def steps_per_task(self) -> list[int]:
+        """How many of an epoch's steps go to each task (the same every epoch and on every rank)."""
+        if self.strategy == "proportional":
+            return [self.batches_per_pass(t) for t in range(len(self.sizes))]
+        return apportion(len(self), self.probabilities)
+
     def schedule(self) -> list[int]:
         """Task id of every step of the current epoch (the same on every rank)."""
         steps = len(self)
         n_tasks = len(self.sizes)
-        if self.strategy == "proportional":
-            counts = [self.batches_per_pass(t) for t in range(n_tasks)]
-        else:
-            counts = apportion(steps, self.probabilities)
+        counts = self.steps_per_task()
         if self.strategy == "round_robin":
             order, left = [], list(counts)
             while len(order) < steps:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, not_utf8
 from .metrics import METRICS
 
 
@@ -223,10 +223,13 @@ def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:
     """Read a YAML or JSON tasks file: a list of declarations, or {tasks: [...]}.
 
     Raises:
-        TaskError: the file does not parse or a declaration is invalid.
+        TaskError: the file is not UTF-8, does not parse, or a declaration is invalid.
     """
     path = Path(path)
-    text = path.read_text()
+    problem = not_utf8(path)
+    if problem:
+        raise TaskError(f"tasks file {path} is not UTF-8 text ({problem}); save it as UTF-8")
+    text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

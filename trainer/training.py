@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
 from . import metrics as metric_fns
-from .config import Config
+from .config import Config, ConfigError
 from .data import MultitaskCollator, MultitaskDataset, TaskData, example_lengths
 from .sampling import MultitaskBatchSampler
 from .tasks import TaskError, TaskSpec
@@ -31,18 +31,46 @@ logger = logging.getLogger(__name__)
 MACRO_METRIC = "macro_avg"
 
 
+BF16_COMPUTE_CAPABILITY = (8, 0)  # Ampere: bf16 in hardware; older GPUs emulate it, slower than fp32
+
+
 def resolve_precision(precision: str) -> str:
-    """`auto` → bf16 on a CUDA GPU that supports it, else fp32.
+    """`auto` → bf16 on a CUDA GPU of compute capability 8.0 or more, fp16 on an older one, else fp32.
+
+    `torch.cuda.is_bf16_supported()` also says yes on GPUs that only emulate bf16 (a T4 is 7.5),
+    so the capability decides.
 
     Raises:
-        ValueError: fp16 or bf16 requested where the hardware cannot run it.
+        ConfigError: fp16 requested without a CUDA GPU.
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        if not cuda:
+            return "fp32"
+        return "bf16" if tuple(torch.cuda.get_device_capability()) >= BF16_COMPUTE_CAPABILITY else "fp16"
     if precision == "fp16" and not cuda:
-        raise ValueError("PRECISION='fp16' is not valid: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+        raise ConfigError("PRECISION='fp16' is not valid: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
     return precision
+
+
+def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]) -> None:
+    """Check, from the train splits' sizes alone, that SAMPLING gives every task steps.
+
+    Builds the batch sampler `MultitaskTrainer` will build (on one process), which checks
+    itself; called before any model is built so that the message can name the task.
+
+    Raises:
+        ConfigError: a tiny SAMPLING_TEMPERATURE or task weight leaves a task without a step.
+    """
+    MultitaskBatchSampler(
+        sizes=train_sizes,
+        batch_sizes=[s.batch_size or cfg.train_batch_size for s in specs],
+        strategy=cfg.sampling,
+        temperature=cfg.sampling_temperature,
+        cap=cfg.sampling_cap,
+        weights=[cfg.task_weights.get(s.name, 1.0) for s in specs],
+        names=[s.name for s in specs],
+    )
 
 
 def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
@@ -316,47 +344,87 @@ class _Tagged(torch.utils.data.Dataset):
 
 
 # -------------------------------------------------------------------- predictions and metrics
-def decode(spec: TaskSpec, logits: np.ndarray, label_ids: np.ndarray | None = None):
+def _num_labels(spec: TaskSpec) -> int | None:
+    """The task's label count, which label-set metrics (f1) depend on; None for regression."""
+    return len(spec.labels) if spec.task_type.has_label_set and spec.labels else None
+
+
+def _logits(logits):
+    # `MultitaskModel.forward` returns only the loss and the logits, so predictions are the logits
+    # array; a tuple (a model that returns more outputs) still has the logits first.
+    return logits[0] if isinstance(logits, tuple) else logits
+
+
+def _labelled_positions(logits, label_ids) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sentence, (predicted ids, label ids) at the positions whose label is not -100.
+
+    Rows may be padded with -100 to a common length (the evaluation loop's arrays) or ragged
+    (a tokenized split's `labels` column); logits rows are cut to their label row's length.
+    """
+    if label_ids is None:
+        raise ValueError("token classification needs label_ids to know which positions are words")
+    out = []
+    for p_row, l_row in zip(logits, label_ids):
+        l_row = np.asarray(l_row).reshape(-1)
+        pred = np.asarray(p_row)[: len(l_row)].argmax(-1)
+        keep = l_row != -100
+        out.append((pred[keep], l_row[keep]))
+    return out
+
+
+def decode(spec: TaskSpec, logits, label_ids=None):
     """Turn logits into predictions: class ids, scores, or (for tokens) per-sentence tag lists.
 
     For token classification, positions whose label is -100 (padding, special and non-first
-    sub-tokens) are dropped; `label_ids` is then required.
+    sub-tokens) are dropped and `(predicted tags, reference tags)` is returned.
+
+    Raises:
+        ValueError: token classification without `label_ids`.
     """
-    if isinstance(logits, tuple):
-        logits = logits[0]
+    logits = _logits(logits)
     if spec.type == "regression":
-        return logits.reshape(-1)
+        return np.asarray(logits).reshape(-1)
     if spec.type == "token_classification":
-        pred = logits.argmax(-1)
         names = spec.labels
-        out_pred, out_ref = [], []
-        for p_row, l_row in zip(pred, label_ids):
-            keep = l_row != -100
-            out_pred.append([names[i] for i in p_row[keep]])
-            out_ref.append([names[i] for i in l_row[keep]])
-        return out_pred, out_ref
-    return logits.argmax(-1)
+        rows = _labelled_positions(logits, label_ids)
+        return [[names[i] for i in p] for p, _ in rows], [[names[i] for i in r] for _, r in rows]
+    return np.asarray(logits).argmax(-1)
 
 
 def score_task(spec: TaskSpec, logits, label_ids) -> dict[str, float]:
-    """The task's metrics on one split."""
+    """The task's metrics on one split.
+
+    Raises:
+        ValueError: see `decode`.
+    """
+    n = _num_labels(spec)
     if spec.type == "token_classification":
-        pred, ref = decode(spec, logits, label_ids)
+        rows = _labelled_positions(_logits(logits), label_ids)
         out = {}
         for name in spec.metrics:
             if name == "entity_f1":
-                out[name] = metric_fns.compute(name, pred, ref)
-            else:
-                out[name] = metric_fns.compute(name, [t for s in pred for t in s], [t for s in ref for t in s])
+                pred, ref = decode(spec, logits, label_ids)
+                out[name] = metric_fns.compute(name, pred, ref, n)
+            else:  # class metrics compare the tag ids of every labelled position
+                pred = np.concatenate([p for p, _ in rows]) if rows else np.zeros(0, dtype=int)
+                ref = np.concatenate([r for _, r in rows]) if rows else np.zeros(0, dtype=int)
+                out[name] = metric_fns.compute(name, pred, ref, n)
         return out
     pred = decode(spec, logits)
     ref = np.asarray(label_ids).reshape(-1)
-    return {name: metric_fns.compute(name, pred, ref) for name in spec.metrics}
+    return {name: metric_fns.compute(name, pred, ref, n) for name in spec.metrics}
 
 
 def chance_scores(spec: TaskSpec, label_ids) -> dict[str, float]:
-    """What a constant guess scores on this split, per metric."""
-    ref = np.asarray(label_ids)
+    """What a constant guess scores on this split, per metric.
+
+    `label_ids` may be ragged for token classification (one list per sentence, -100 where
+    there is no word), as a tokenized split's `labels` column is.
+    """
     if spec.type == "token_classification":
+        rows = [np.asarray(r).reshape(-1) for r in label_ids]
+        ref = np.concatenate(rows) if rows else np.zeros(0, dtype=int)
         ref = ref[ref != -100]
-    return {name: metric_fns.chance_level(name, ref.reshape(-1)) for name in spec.metrics}
+    else:
+        ref = np.asarray(label_ids).reshape(-1)
+    return {name: metric_fns.chance_level(name, ref, _num_labels(spec)) for name in spec.metrics}

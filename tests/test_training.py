@@ -1,0 +1,209 @@
+"""trainer.training's module functions: decoding logits, scoring a task, chance levels (every task
+type, token labels of sentences of different lengths), and the precision choice.
+
+Token-classification inputs come in the two shapes the code meets: the evaluation loop's arrays,
+padded with -100 to the longest sentence, and a tokenized split's ragged `labels` column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer.tasks import build_spec
+from trainer.training import chance_scores, decode, score_task
+
+
+def declare(task_type: str, labels: list[str] | None = None, metrics: list[str] | None = None):
+    raw = {"name": "t", "type": task_type, "files": {"train": "t.jsonl"}}
+    if metrics:
+        raw["metrics"] = metrics
+    spec = build_spec(raw)
+    return spec.with_labels(labels) if labels is not None else spec
+
+
+def one_hot(ids, n: int) -> np.ndarray:
+    """Logits whose argmax is `ids` (any shape)."""
+    ids = np.asarray(ids)
+    return np.eye(n, dtype=np.float32)[np.where(ids < 0, 0, ids)] * 5.0
+
+
+# ------------------------------------------------------------------------------ classification
+CLASSES = ["a", "b", "c"]
+
+
+def test_classification_decode_score_and_chance():
+    spec = declare("classification", CLASSES, ["accuracy", "f1", "matthews_correlation"])
+    refs = np.array([0, 1, 1, 0])
+    logits = one_hot([0, 1, 2, 0], 3)
+
+    assert decode(spec, logits).tolist() == [0, 1, 2, 0]
+    scores = score_task(spec, logits, refs)
+    assert scores["accuracy"] == 0.75
+    # Three labels: macro F1 over a, b, c although c is never a reference: (1 + 2/3 + 0) / 3.
+    assert scores["f1"] == pytest.approx((1 + 2 / 3) / 3)
+    assert set(scores) == {"accuracy", "f1", "matthews_correlation"}
+    chance = chance_scores(spec, refs)
+    # Majority class a (first of the tied a, b): accuracy 1/2; F1(a) = 2/3, then / 3 labels.
+    assert chance == pytest.approx({"accuracy": 0.5, "f1": (2 / 3) / 3, "matthews_correlation": 0.0})
+
+
+def test_binary_classification_f1_is_the_f1_of_the_second_label():
+    spec = declare("classification", ["no", "yes"], ["f1"])
+    # Every reference is "no": binary F1 of "yes" is 0, whatever else the model gets right.
+    assert score_task(spec, one_hot([0, 0, 1], 2), np.array([0, 0, 0]))["f1"] == 0.0
+
+
+def test_decode_takes_the_logits_from_a_tuple_of_outputs():
+    spec = declare("classification", CLASSES)
+    logits = one_hot([2, 1], 3)
+    hidden = np.zeros((2, 7, 4), dtype=np.float32)
+    assert decode(spec, (logits, hidden)).tolist() == [2, 1]
+
+
+# ------------------------------------------------------------------------------ regression
+def test_regression_decode_score_and_chance():
+    spec = declare("regression")
+    logits = np.array([[0.5], [1.5], [2.0], [4.0]], dtype=np.float32)
+    refs = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
+
+    assert decode(spec, logits).tolist() == [0.5, 1.5, 2.0, 4.0]
+    scores = score_task(spec, logits, refs)
+    assert scores["spearmanr"] == pytest.approx(1.0)
+    assert 0.9 < scores["pearson"] < 1.0
+    assert chance_scores(spec, refs) == {"pearson": 0.0, "spearmanr": 0.0}
+
+
+# ------------------------------------------------------------------------------ multiple choice
+def test_multiple_choice_decode_score_and_chance():
+    spec = declare("multiple_choice", ["0", "1", "2", "3"], ["accuracy", "f1"])
+    logits = one_hot([3, 0, 0, 2, 1], 4)
+    refs = np.array([3, 0, 1, 2, 2])
+
+    assert decode(spec, logits).tolist() == [3, 0, 0, 2, 1]
+    scores = score_task(spec, logits, refs)
+    assert scores["accuracy"] == 0.6
+    # F1 per choice: 0 -> P 1/2 R 1 = 2/3; 1 -> 0; 2 -> P 1 R 1/2 = 2/3; 3 -> 1; macro over 4.
+    assert scores["f1"] == pytest.approx((2 / 3 + 0 + 2 / 3 + 1) / 4)
+    # Majority choice 2 (2 of 5): accuracy 2/5; F1(2) = 2 * (2/5) / (1 + 2/5) = 4/7, / 4 choices.
+    assert chance_scores(spec, refs) == pytest.approx({"accuracy": 0.4, "f1": (4 / 7) / 4})
+
+
+# ------------------------------------------------------------------------------ token classification
+TAGS = ["O", "B-x", "I-x"]
+# Three sentences of 4, 2 and 3 labelled positions (first sub-tokens), in padded rows of 6:
+# -100 marks [CLS], [SEP], later sub-tokens and padding.
+PADDED_REFS = np.array([
+    [-100, 1, 2, 0, -100, 1],
+    [-100, 0, 1, -100, -100, -100],
+    [-100, 1, 0, 0, -100, -100],
+])
+# What the model predicts at every position (the values at -100 positions must not matter).
+PREDICTED = np.array([
+    [2, 1, 2, 0, 1, 0],
+    [0, 0, 0, 2, 2, 2],
+    [1, 1, 0, 1, 0, 0],
+])
+
+
+def ragged(rows: np.ndarray, lengths: list[int]) -> list[list[int]]:
+    """The rows as a tokenized split holds them: each only as long as its own sentence."""
+    return [row[:n].tolist() for row, n in zip(rows, lengths)]
+
+
+LENGTHS = [6, 3, 4]  # each row's length before padding (the last labelled position + 1, or more)
+
+
+def test_token_classification_decode_drops_ignored_positions_per_sentence():
+    spec = declare("token_classification", TAGS, ["entity_f1", "accuracy"])
+    pred, ref = decode(spec, one_hot(PREDICTED, 3), PADDED_REFS)
+    assert ref == [["B-x", "I-x", "O", "B-x"], ["O", "B-x"], ["B-x", "O", "O"]]
+    assert pred == [["B-x", "I-x", "O", "O"], ["O", "O"], ["B-x", "O", "B-x"]]
+    # Ragged label rows (and logits cut to the same lengths) decode the same.
+    logits = [one_hot(row, 3) for row in ragged(PREDICTED, LENGTHS)]
+    assert decode(spec, logits, ragged(PADDED_REFS, LENGTHS)) == (pred, ref)
+
+
+def test_token_classification_needs_the_labels_to_decode():
+    spec = declare("token_classification", TAGS)
+    with pytest.raises(ValueError, match="label_ids"):
+        decode(spec, one_hot(PREDICTED, 3))
+
+
+def test_token_classification_scores_over_labelled_positions_only():
+    spec = declare("token_classification", TAGS, ["entity_f1", "accuracy", "f1"])
+    scores = score_task(spec, one_hot(PREDICTED, 3), PADDED_REFS)
+    # 9 labelled positions, 6 predicted right.
+    assert scores["accuracy"] == pytest.approx(6 / 9)
+    # Entities: reference x(0-2), x(3), x(1), x(0) = 4; predicted x(0-2), x(0), x(2) = 3; correct 2.
+    # precision 2/3, recall 1/2 -> F1 4/7
+    assert scores["entity_f1"] == pytest.approx(4 / 7)
+    # Per tag: O tp 3 fp 2 fn 1 -> 2/3; B-x tp 2 fp 1 fn 2 -> 4/7; I-x tp 1 -> 1; macro over 3 tags.
+    assert scores["f1"] == pytest.approx((2 / 3 + 4 / 7 + 1) / 3)
+
+
+@pytest.mark.parametrize("shape", ["padded", "ragged"])
+def test_token_classification_chance_on_sentences_of_different_lengths(shape):
+    spec = declare("token_classification", TAGS, ["entity_f1", "accuracy", "f1"])
+    labels = PADDED_REFS if shape == "padded" else ragged(PADDED_REFS, LENGTHS)
+    chance = chance_scores(spec, labels)
+    # Labelled positions: B-x x4, O x4, I-x x1; majority B-x (of the tied two, the first seen).
+    # accuracy 4/9; F1(B-x) = 2 * (4/9) / (1 + 4/9) = 8/13, over 3 tags.
+    assert chance == pytest.approx({"entity_f1": 0.0, "accuracy": 4 / 9, "f1": (8 / 13) / 3})
+
+
+def test_chance_report_of_a_tokenized_split_with_sentences_of_different_lengths():
+    import datasets
+
+    from trainer.data import TaskData
+    from trainer.jobs import chance_report
+
+    spec = declare("token_classification", TAGS, ["accuracy"])
+    validation = datasets.Dataset.from_dict({"labels": ragged(PADDED_REFS, LENGTHS)})
+    report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9})
+    assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "learned": True}}}
+
+
+# ------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16")],
+)
+def test_auto_precision_takes_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
+    import torch
+
+    from trainer.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # A T4 (7.5) answers yes here too, emulating bf16 slowly: the capability must decide.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+
+
+def test_auto_precision_without_a_gpu_is_fp32_and_fp16_is_a_setting_error(monkeypatch):
+    import torch
+
+    from trainer.config import ConfigError
+    from trainer.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="^PRECISION='fp16' is not valid: fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
+
+
+# ------------------------------------------------------------------------------ task mixing
+def test_task_mixing_is_checked_from_the_data_sizes_with_the_tasks_names():
+    from trainer.config import ConfigError, load_config
+    from trainer.training import check_task_mixing
+
+    specs = [build_spec({"name": n, "type": "classification", "files": {"train": "t.csv"}}) for n in ("big", "small")]
+    cfg = load_config({"tasks": "big,small", "sampling": "temperature", "sampling_temperature": "1e-300"}, environ={}, env_file="")
+    with pytest.raises(ConfigError, match=r"^SAMPLING_TEMPERATURE=1e-300 is not valid: task 'small' \(7 examples\)"):
+        check_task_mixing(cfg, specs, [1000, 7])
+    check_task_mixing(cfg, specs, [7, 7])  # equal sizes: an even split at any temperature
+    weights = load_config({"tasks": "big,small", "sampling": "weights", "task_weights": "big=1,small=1e-6"}, environ={}, env_file="")
+    with pytest.raises(ConfigError, match=r"^TASK_WEIGHTS is not valid: task 'small' \(weight 1e-06\)"):
+        check_task_mixing(weights, specs, [100, 100])
