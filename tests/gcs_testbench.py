@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests.gcs_server import PROJECT, TEST_BUCKET, free_port
+from tests.gcs_server import PROJECT, TEST_BUCKET, free_port, reset_bucket
 from trainer.storage import GcsStore
 
 TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gcs-testbench"
@@ -134,13 +134,7 @@ class Testbench:
 
     def reset_bucket(self, name: str = TEST_BUCKET) -> None:
         """Make ``name`` exist and be empty."""
-        client = self.client()
-        bucket = client.bucket(name)
-        if bucket.exists():
-            for blob in client.list_blobs(name):
-                blob.delete()
-        else:
-            client.create_bucket(name)
+        reset_bucket(self.client(), name)
 
     def store(self, prefix: str = "prefix", *, retry_test: str | None = None, **kwargs: Any) -> GcsStore:
         """A GcsStore on ``gs://test-bucket/PREFIX``; with ``retry_test`` (an id from

@@ -173,6 +173,7 @@ def test_docker_local_train_commits_checkpoints_to_the_bucket(image, gcs_server,
         "TASKS='demo_similarity,demo_entailment,demo_choice'\n"
         "TASKS_FILE=/app/trainer/demo/tasks.json\n"
         "RUN_NAME=docker-demo\n"
+        "MAX_SEQ_LENGTH=64  # the demo model's position embeddings\n"
         f'CHECKPOINT_URI="gs://{TEST_BUCKET}/docker"  # the emulator\'s bucket\n'
         "LEARNING_RATE=5e-4\n"
         f"STORAGE_EMULATOR_HOST={gcs_server.url}\n"

@@ -82,32 +82,29 @@ def _abandoned(store, owner: Owner, *, expires_in: float) -> None:
     store.write_bytes(f"{RUN}/{LEASE_NAME}", json.dumps(body).encode(), create_only=True)
 
 
+def _seconds_to_take(store, *, lease_seconds: float) -> float:
+    """How long a new writer waits before it holds the run (then it lets go again)."""
+    started = time.monotonic()
+    lease = RunLease(store, RUN, seconds=lease_seconds)
+    lease.acquire()
+    taken = time.monotonic() - started
+    lease.release()
+    return taken
+
+
 def test_the_lease_of_a_crashed_process_of_this_machine_is_taken_at_once(lease_store):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     crashed = replace(Owner.this_process(), pid=int(dead.stdout), start_ticks="1")
     _abandoned(lease_store, crashed, expires_in=600)  # far from expiring: only the dead pid says it is stale
-    started = time.monotonic()
-    lease = RunLease(lease_store, RUN, seconds=60)
-    lease.acquire()
-    assert time.monotonic() - started < 5
-    lease.release()
+    assert _seconds_to_take(lease_store, lease_seconds=60) < 5
 
 
 def test_the_lease_of_a_lost_machine_is_taken_once_it_went_unrefreshed(lease_store):
     elsewhere = replace(Owner.this_process(), host="vm-gone", boot_id="another-boot", pid=1)
     _abandoned(lease_store, elsewhere, expires_in=600)  # its clock may say anything: we watch it ourselves
-    started = time.monotonic()
-    lease = RunLease(lease_store, RUN, seconds=4)
-    lease.acquire()
-    assert 4 <= time.monotonic() - started < 10
-    lease.release()
-
+    assert 4 <= _seconds_to_take(lease_store, lease_seconds=4) < 10
     _abandoned(lease_store, elsewhere, expires_in=-1)  # expired by its own clock: taken at once
-    started = time.monotonic()
-    lease = RunLease(lease_store, RUN, seconds=60)
-    lease.acquire()
-    assert time.monotonic() - started < 5
-    lease.release()
+    assert _seconds_to_take(lease_store, lease_seconds=60) < 5
 
 
 def test_a_writer_whose_lease_was_taken_over_stops_and_deletes_nothing(lease_store):
