@@ -321,3 +321,34 @@ def test_cli_bad_data_exits_2_before_writing_anything(tmp_path, tiny_model):
         "the data has premise, label; set columns.text_pair in the tasks file"
     )
     assert not out.exists()
+
+
+def test_cli_a_ner_set_with_sentences_of_different_lengths_trains_evaluates_and_exports(tmp_path, tiny_model):
+    # As in every real NER set: sentences of 1 to 9 words. Its chance report used to crash after
+    # training, before the metrics, the export and the final commit.
+    import random
+
+    from tests.conftest import run_cli
+    from trainer.checkpoint_store import verify_local
+    from trainer.demo.generate import CATEGORIES
+
+    rng = random.Random(3)
+    words = [(w, c) for c, ws in CATEGORIES.items() for w in ws]
+    for split, n in (("train", 48), ("dev", 16)):
+        with open(tmp_path / f"ner_{split}.jsonl", "w") as f:
+            for _ in range(n):
+                picked = rng.sample(words, rng.randint(1, 9))
+                f.write(json.dumps({"words": [w for w, _ in picked], "tags": [f"B-{c}" for _, c in picked]}) + "\n")
+    (tmp_path / "tasks.json").write_text(json.dumps([{
+        "name": "ner", "type": "token_classification", "columns": {"tokens": "words", "label": "tags"},
+        "files": {"train": "ner_train.jsonl", "validation": "ner_dev.jsonl"}, "metrics": ["entity_f1", "accuracy"]}]))
+    out = tmp_path / "outputs"
+    result = run_cli("train", f"--model_name={tiny_model}", "--model_init=scratch", f"--tasks_file={tmp_path / 'tasks.json'}",
+                     "--tasks=ner", f"--output_dir={out}", "--run_name=ner", "--num_train_epochs=2", "--train_batch_size=8",
+                     cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Evaluation against chance" in result.stdout
+    metrics = json.loads((out / "ner" / "metrics.json").read_text())
+    assert set(metrics["chance"]["ner"]) == {"entity_f1", "accuracy"}
+    assert verify_local(out / "ner" / "final").step == 12  # committed, with the exported task
+    assert (out / "ner" / "final" / "export" / "ner" / "model.safetensors").is_file()
