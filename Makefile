@@ -121,8 +121,12 @@ cloud-train: venv ## submit the .env job to Vertex AI on IMAGE_URI (push it firs
 	$(env_file_setting) $(PY) -m trainer submit $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(if $(filter 1 true yes,$(WAIT)),--wait)
 # ================================================================ end of Docker and Vertex AI ====
 
-test: venv-dev ## run the test suite (offline, tiny models, real GCS emulator and Vertex endpoint)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+# Test modules run on TEST_WORKERS processes (pytest-xdist), a module per worker: most tests wait on
+# one single-threaded training subprocess, so two workers keep both cores of a small machine busy.
+TEST_WORKERS ?= 2
+
+test: venv-dev ## run the test suite (offline, tiny models, real GCS servers and Vertex endpoint); TEST_WORKERS=1 runs it serially
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: venv-dev ## static checks: ruff, shellcheck (.ci scripts), hadolint (Dockerfile)
 	$(PY) -m ruff check trainer tests benchmarks

@@ -101,6 +101,12 @@ def tiny_tasks(tmp_path_factory) -> Path:
     return write_tasks_file(tmp_path_factory.mktemp("tiny-tasks"))
 
 
+@pytest.fixture(scope="session")
+def small_tasks(tmp_path_factory) -> Path:
+    """The tiny tasks with 16 training examples each: 8 steps an epoch at batch 8."""
+    return write_tasks_file(tmp_path_factory.mktemp("small-tasks"), n_train=16, n_eval=8)
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m trainer ARGS` in a fresh process, as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", **(env or {})}

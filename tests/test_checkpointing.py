@@ -1,15 +1,14 @@
 """Committed checkpoints end to end, with the real CLI, on the settings users run by default
-(EVAL_STRATEGY=SAVE_STRATEGY=epoch, LOAD_BEST_MODEL_AT_END) and on every strategy combination:
-SIGTERM at a step (and again in the grace period) and kill -9 at every named point, each
-restart reproducing the uninterrupted run's final weights bit for bit; the best checkpoint
-surviving pruning; a rerun of a finished run; a server outage; corruption found at resume and at
-pull; pulling into a folder of one's own; a bad bucket stopping the run."""
+(EVAL_STRATEGY=SAVE_STRATEGY=epoch, LOAD_BEST_MODEL_AT_END): kill -9 at every named point, each
+restart on a new disk reproducing the uninterrupted run's final weights bit for bit, the best
+checkpoint surviving pruning; a restart at MAX_STEPS; a server outage; corruption found at resume
+and at pull; a non-finite loss, a full disk, a read-only OUTPUT_DIR; pulling into a folder of
+one's own; a bad bucket stopping the run; the background committer."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -20,147 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_cli, write_tasks_file
+from tests.conftest import ROOT, run_cli
 from tests.gcs_server import fake_gcs_server
+from tests.runs import CLI_ENV, RUN, STEPS_PER_EPOCH, assert_same_weights, committed_steps, flags, train, weights
 from trainer import checkpoint_store as cs
 from trainer.checkpointing import BackgroundCommitter, _Job, background_upload_workers
 from trainer.storage import open_store
-
-RUN = "ckpt"
-TASKS = "demo_similarity,demo_entailment,demo_choice,demo_tags"
-STEPS_PER_EPOCH = 8  # 16 examples per task, batch 8: 2 batches x 4 tasks
-GRACE = 20.0
-CLI_ENV = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def small_tasks(tmp_path_factory) -> Path:
-    return write_tasks_file(tmp_path_factory.mktemp("small-tasks"), n_train=16, n_eval=8)
-
-
-def flags(model: Path, tasks: Path, out: Path, uri: str | None = None, **extra) -> list[str]:
-    """A tiny job on the user's defaults: epoch strategies, LOAD_BEST_MODEL_AT_END, SAVE_TOTAL_LIMIT=3."""
-    values = {
-        "model_name": model, "model_init": "scratch", "tasks_file": tasks, "tasks": TASKS, "output_dir": out,
-        "run_name": RUN, "num_train_epochs": 3, "train_batch_size": 8, "eval_batch_size": 8, "learning_rate": 1e-3,
-        "logging_steps": 4, "seed": 11, "storage_retry_deadline": 30, "preemption_grace_seconds": GRACE, **extra,
-    }
-    if uri is not None:
-        values["checkpoint_uri"] = uri
-    return [f"--{k}={v}" for k, v in values.items()]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def committed_steps(uri: str) -> list[int]:
-    return [m.step for m in cs.list_checkpoints(open_store(uri), RUN)]
-
-
-def train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli("train", *args, env={**CLI_ENV, **(env or {})})
-
-
-# ------------------------------------------------------------------------------ SIGTERM
-COMBOS = [(e, s) for e in ("epoch", "steps", "no") for s in ("epoch", "steps", "no")]
-TOTAL_STEPS = 3 * STEPS_PER_EPOCH
-
-
-def _stop_steps() -> dict[tuple[str, str], int]:
-    """A stop step per combination: in turn a random step inside an epoch, a random epoch end, the last step."""
-    rng = random.Random(20261201)
-    inside = [s for s in range(1, TOTAL_STEPS) if s % STEPS_PER_EPOCH]
-    kinds = [lambda: rng.choice(inside), lambda: rng.choice([STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]), lambda: TOTAL_STEPS]
-    return {combo: kinds[i % 3]() for i, combo in enumerate(COMBOS)}
-
-
-STOP_AT = _stop_steps()
-
-
-def combo_flags(combo: tuple[str, str], model, tasks, out) -> list[str]:
-    eval_strategy, save_strategy = combo
-    best = eval_strategy != "no" and eval_strategy == save_strategy  # where LOAD_BEST_MODEL_AT_END is allowed
-    return flags(model, tasks, out, eval_strategy=eval_strategy, save_strategy=save_strategy, eval_steps=5, save_steps=5,
-                 load_best_model_at_end=best, save_total_limit=2)
-
-
-@pytest.fixture(scope="module")
-def sigterm_runs(tiny_model, small_tasks, tmp_path_factory) -> dict:
-    """For every strategy combination: an uninterrupted run; a run that gets SIGTERM when its stop
-    step ends and a second SIGTERM 1 s later (uploads slowed, so the second one lands while the job
-    waits for its last commit); and its restart. Two combinations at a time (2 cores)."""
-
-    def one(combo):
-        base = tmp_path_factory.mktemp(f"sigterm-{combo[0]}-{combo[1]}")
-        uninterrupted = train(*combo_flags(combo, tiny_model, small_tasks, base / "uninterrupted"))
-        stopped_flags = combo_flags(combo, tiny_model, small_tasks, base / "stopped")
-        stopped = train(*stopped_flags, env={"TRAINER_SIGTERM_AT": f"{STOP_AT[combo]}:1", "TRAINER_SLOW_UPLOADS": "0.15"})
-        ended = time.time()
-        committed = committed_steps(str(base / "stopped"))
-        final_before_restart = (base / "stopped" / RUN / "final").exists()
-        restarted = train(*stopped_flags)
-        return {"uninterrupted": uninterrupted, "stopped": stopped, "ended": ended, "committed": committed,
-                "final_before_restart": final_before_restart, "restarted": restarted, "base": base}
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(zip(COMBOS, pool.map(one, COMBOS)))
-
-
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"eval_{e}-save_{s}-stop_at_{STOP_AT[(e, s)]}" for e, s in COMBOS])
-def test_sigterm_then_restart_gives_the_uninterrupted_weights(sigterm_runs, combo):
-    run = sigterm_runs[combo]
-    for name in ("uninterrupted", "stopped", "restarted"):
-        assert run[name].returncode == 0, f"{name}: {run[name].stderr[-3000:]}"
-    log = run["stopped"].stdout + run["stopped"].stderr
-    sent = [float(t) for t in re.findall(r"sending (?:a second )?SIGTERM.*?\(t=([\d.]+)\)", log)]
-    assert len(sent) == 2, log[-3000:]  # both signals arrived while the job still ran
-    assert "SIGTERM again: already stopping" in log
-    assert run["ended"] - sent[0] < GRACE, "did not exit within PREEMPTION_GRACE_SECONDS"
-    assert f"Preempted at step {STOP_AT[combo]}: checkpoint committed" in log
-    assert run["committed"][-1] == STOP_AT[combo]  # committed exactly where it stopped
-    assert log.count(f"checkpoint-{STOP_AT[combo]} committed") == 1  # and once: no second save of that step
-    assert not run["final_before_restart"]  # a preempted run claims no final model
-    restarted = run["restarted"].stdout + run["restarted"].stderr
-    assert f"(step {STOP_AT[combo]})" in restarted
-    assert_same_weights(weights(run["base"] / "stopped" / RUN), weights(run["base"] / "uninterrupted" / RUN))
-    uninterrupted_evals = (run["uninterrupted"].stdout + run["uninterrupted"].stderr).count("'eval_macro_avg'")
-    assert log.count("'eval_macro_avg'") + restarted.count("'eval_macro_avg'") == uninterrupted_evals  # none twice, none skipped
-
-
-def test_sigterm_from_outside_while_training_commits_and_exits_0(gcs_server, tiny_model, small_tasks, tmp_path):
-    """A real SIGTERM from another process (as the platform sends it), at whatever moment it lands."""
-    uri = "gs://test-bucket/sigterm"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ENV_FILE": "", **CLI_ENV}
-    cmd = [sys.executable, "-m", "trainer", "train", *flags(tiny_model, small_tasks, tmp_path / "vm", uri, num_train_epochs=5000)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        lines = []
-        for line in proc.stdout:  # wait until training steps are running
-            lines.append(line)
-            if "'loss'" in line or time.monotonic() > deadline:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    log = "".join(lines) + out
-    assert proc.returncode == 0, log[-3000:]
-    assert "Preempted at step" in log and "checkpoint committed" in log
-    stopped_at = int(re.search(r"Preempted at step (\d+)", log).group(1))
-    assert committed_steps(uri)[-1] == stopped_at
-    assert cs.read_final(open_store(uri), RUN) is None  # stopped early: no final model claimed
-
 
 # ------------------------------------------------------------------------------ kill -9
 # On the defaults, with pruning (SAVE_TOTAL_LIMIT=1) and a best checkpoint that is not the last:
@@ -261,64 +126,6 @@ def test_a_restart_at_max_steps_in_mid_epoch_trains_no_further(tiny_model, small
     assert committed_steps(str(tmp_path / "b")) == [4]
     assert cs.verify_local(tmp_path / "b" / RUN / "final").step == 4
     assert_same_weights(weights(tmp_path / "b" / RUN), weights(tmp_path / "a" / RUN))
-
-
-# ------------------------------------------------------------------------------ reruns and run identity
-@pytest.fixture(scope="module")
-def finished_run(tiny_model, small_tasks, tmp_path_factory):
-    """A run trained to its end in the default local store (OUTPUT_DIR), and how to make its flags."""
-    out = tmp_path_factory.mktemp("finished")
-    done = train(*flags(tiny_model, small_tasks, out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, lambda **changes: flags(tiny_model, small_tasks, out, **changes)
-
-
-def test_rerunning_a_finished_run_changes_nothing_and_its_final_still_verifies(finished_run):
-    out, make_flags = finished_run
-    args = make_flags()
-    final = out / RUN / "final"
-    before = {p: p.stat().st_mtime_ns for p in final.rglob("*")}
-    again = train(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already finished at step 24" in again.stdout
-    assert {p: p.stat().st_mtime_ns for p in final.rglob("*")} == before
-    cs.verify_local(final)
-    listed = run_cli("pull", "--list", *args)
-    assert "final" in listed.stdout
-    pulled = run_cli("pull", "--which=final", f"--dest={out / 'pulled-final'}", *args)
-    assert pulled.returncode == 0, pulled.stderr[-2000:]
-
-
-def test_another_learning_rate_under_the_same_run_name_is_refused(finished_run):
-    out, make_flags = finished_run
-    other = train(*make_flags(learning_rate=0.01))
-    assert other.returncode == 2
-    line = other.stderr.strip()
-    assert line.count("\n") == 0 and line.startswith("error: ")
-    assert "LEARNING_RATE=0.001 (now 0.01)" in line and "set another RUN_NAME" in line
-    never = train(*make_flags(resume="never"))
-    assert never.returncode == 2 and "RESUME=never" in never.stderr and "would overwrite" in never.stderr
-    cs.verify_local(out / RUN / "final")
-
-
-def test_a_longer_run_resumes_a_finished_one(finished_run):
-    out, make_flags = finished_run
-    longer = train(*make_flags(num_train_epochs=4))
-    assert longer.returncode == 0, longer.stderr[-3000:]
-    assert "(step 24)" in longer.stdout + longer.stderr
-    assert cs.verify_local(out / RUN / "final").step == 32
-
-
-def test_changed_training_data_under_the_same_run_name_is_refused(tiny_model, tmp_path):
-    tasks = write_tasks_file(tmp_path / "tasks", n_train=16, n_eval=8)
-    args = flags(tiny_model, tasks, tmp_path / "out", num_train_epochs=1)
-    assert train(*args).returncode == 0
-    data = tmp_path / "tasks" / "data" / "demo_entailment_train.csv"
-    lines = data.read_text().splitlines(keepends=True)
-    data.write_text("".join(lines[:-1]))  # one example fewer
-    again = train(*args, "--num_train_epochs=2")
-    assert again.returncode == 2
-    assert "the training data of task 'demo_entailment': 16 examples (now 15)" in again.stderr
 
 
 # ------------------------------------------------------------------------------ the store misbehaving
