@@ -207,3 +207,47 @@ def test_task_mixing_is_checked_from_the_data_sizes_with_the_tasks_names():
     weights = load_config({"tasks": "big,small", "sampling": "weights", "task_weights": "big=1,small=1e-6"}, environ={}, env_file="")
     with pytest.raises(ConfigError, match=r"^TASK_WEIGHTS is not valid: task 'small' \(weight 1e-06\)"):
         check_task_mixing(weights, specs, [100, 100])
+
+
+# ------------------------------------------------------------------------------ a tiny MultitaskTrainer, in process
+def build_trainer(model_dir, tasks_file, out, **settings):
+    """A `MultitaskTrainer` over the tiny tasks, built as `python -m trainer train` builds it."""
+    from transformers import set_seed
+
+    from trainer.config import load_config
+    from trainer.jobs import load_tokenizer, prepare_tasks, tokenize_tasks
+    from trainer.model import MultitaskModel, load_encoder
+    from trainer.tasks import resolve_tasks
+    from trainer.training import MultitaskTrainer, build_training_args
+
+    cli = {"model_name": str(model_dir), "model_init": "scratch", "tasks_file": str(tasks_file),
+           "tasks": "demo_similarity,demo_entailment,demo_choice,demo_tags", "output_dir": str(out),
+           "run_name": "inproc", "num_train_epochs": 1, "train_batch_size": 8, "eval_batch_size": 3,
+           "learning_rate": 1e-3, "precision": "fp32", "seed": 5, **settings}
+    cfg = load_config(cli, environ={}, env_file="")
+    specs, raw = prepare_tasks(cfg, resolve_tasks(cfg), need_train=True)
+    tokenizer = load_tokenizer(cfg.model_name, specs)
+    tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
+    set_seed(cfg.seed)
+    model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
+    args = build_training_args(cfg, precision="fp32")
+    return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
+
+
+@pytest.fixture
+def small_trainer(tiny_model, small_tasks, tmp_path):
+    return build_trainer(tiny_model, small_tasks, tmp_path / "out")
+
+
+def test_the_macro_average_is_the_mean_of_each_tasks_primary_metric(small_trainer):
+    metrics = small_trainer.evaluate()
+
+    primary = [metrics[f"eval_{t.name}_{t.spec.primary_metric}"] for t in small_trainer.tasks]
+    assert metrics["eval_macro_avg"] == pytest.approx(np.mean(primary))
+    for task in small_trainer.tasks:  # every metric is still logged
+        for name in task.spec.metrics:
+            assert np.isfinite(metrics[f"eval_{task.name}_{name}"]), (task.name, name)
+    # Two tasks have a second metric (spearmanr, accuracy) that differs from their first here, so
+    # the mean over every metric of a task would give another macro average.
+    of_all = np.mean([np.mean([metrics[f"eval_{t.name}_{m}"] for m in t.spec.metrics]) for t in small_trainer.tasks])
+    assert metrics["eval_macro_avg"] != pytest.approx(of_all)

@@ -243,7 +243,9 @@ class MultitaskTrainer(Trainer):
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` and `<prefix>_macro_avg`."""
+        """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` for every metric
+        and `<prefix>_macro_avg`, the mean over the tasks of each one's primary (first listed) metric,
+        which picks the best checkpoint."""
         self._memory_tracker.start()
         start = time.time()
         results: dict[str, float] = {}
@@ -263,7 +265,9 @@ class MultitaskTrainer(Trainer):
             task_scores = score_task(task.spec, output.predictions, output.label_ids)
             for name, value in task_scores.items():
                 results[f"{metric_key_prefix}_{task.name}_{name}"] = value
-            scores.append(float(np.mean([task_scores[m] for m in task.spec.metrics])))
+            # One number per task: a task listing two metrics (STS-B's pearson and spearmanr) would
+            # otherwise weigh its own second opinion as much as another task.
+            scores.append(task_scores[task.spec.primary_metric])
         if scores:
             results[f"{metric_key_prefix}_{MACRO_METRIC}"] = float(np.mean(scores))
         results.update(speed_metrics(metric_key_prefix, start, num_samples=n_samples))
