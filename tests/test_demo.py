@@ -11,7 +11,7 @@ def test_demo_learns_every_task(tmp_path):
     result = run_cli("train", "--demo", f"--output_dir={tmp_path}", env={"OMP_NUM_THREADS": "2"}, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    assert "All tasks learned: every metric is above chance." in log
+    assert "All tasks learned: every metric >= chance + 0.05." in log
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     for task, rows in metrics["chance"].items():
         for name, row in rows.items():

@@ -161,7 +161,47 @@ def test_chance_report_of_a_tokenized_split_with_sentences_of_different_lengths(
     spec = declare("token_classification", TAGS, ["accuracy"])
     validation = datasets.Dataset.from_dict({"labels": ragged(PADDED_REFS, LENGTHS)})
     report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9})
-    assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "learned": True}}}
+    assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "needs": pytest.approx(4 / 9 + 0.05),
+                                         "learned": True}}}
+
+
+def chance_task(name: str, labels: list[str], references: list[int], metrics: list[str]):
+    import datasets
+
+    from trainer.data import TaskData
+
+    spec = build_spec({"name": name, "type": "classification", "files": {"train": "t.csv"}, "metrics": metrics})
+    return TaskData(spec.with_labels(labels), None, datasets.Dataset.from_dict({"labels": references}), None)
+
+
+def test_chance_report_prints_the_margin_and_its_summary_uses_the_same_rule(caplog):
+    import logging
+
+    from trainer.jobs import LEARNED_MARGIN, chance_report
+
+    assert LEARNED_MARGIN == 0.05
+    # MRPC's case: accuracy 0.70 is above its chance level (0.68, the majority class) but not by
+    # the margin, so it is not learned, and the table says what it needed.
+    mrpc = chance_task("mrpc", ["no", "yes"], [1] * 68 + [0] * 32, ["accuracy", "f1"])
+    rte = chance_task("rte", ["yes", "no"], [0] * 50 + [1] * 50, ["accuracy"])
+    caplog.set_level(logging.INFO, logger="trainer")
+    report = chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.70, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+
+    assert report["mrpc"]["accuracy"] == {"value": 0.70, "chance": pytest.approx(0.68), "needs": pytest.approx(0.73),
+                                          "learned": False}
+    assert report["mrpc"]["f1"]["learned"] and report["rte"]["accuracy"]["learned"]
+    table, summary = [r.getMessage() for r in caplog.records]
+    lines = table.splitlines()
+    assert lines[0] == "Evaluation against chance (a constant guess): a metric is learned when value >= chance + 0.05"
+    assert lines[1].split() == ["task", "metric", "value", "chance", "needs", "learned"]
+    assert lines[2].split() == ["mrpc", "accuracy", "0.7000", "0.6800", "0.7300", "NO"]
+    assert lines[4].split() == ["rte", "accuracy", "0.6100", "0.5000", "0.5500", "yes"]
+    assert summary == ("Not every task learned: 1 metric below chance + 0.05 (mrpc accuracy 0.7000, needs 0.7300); "
+                       "train longer or check the data.")
+
+    caplog.clear()
+    chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.74, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+    assert caplog.records[-1].getMessage() == "All tasks learned: every metric >= chance + 0.05."
 
 
 # ------------------------------------------------------------------------------ precision
