@@ -291,3 +291,22 @@ def test_the_macro_average_is_the_mean_of_each_tasks_primary_metric(small_traine
     # the mean over every metric of a task would give another macro average.
     of_all = np.mean([np.mean([metrics[f"eval_{t.name}_{m}"] for m in t.spec.metrics]) for t in small_trainer.tasks])
     assert metrics["eval_macro_avg"] != pytest.approx(of_all)
+
+
+def test_total_flos_counts_every_trained_batch_on_the_encoder_and_its_tasks_head(small_trainer):
+    from tests.test_model import non_embedding_parameters
+
+    trainer = small_trainer
+    result = trainer.train()
+
+    model = trainer.model
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(0)
+    expected = sum(6 * batch["input_ids"].numel()
+                   * (non_embedding_parameters(model.encoder) + non_embedding_parameters(model.heads[batch["task"]]))
+                   for batch in loader)
+    assert len(loader) == trainer.state.global_step == 8  # one epoch: every batch above was trained once
+    assert result.metrics["total_flos"] == trainer.state.total_flos == expected
+    # Plausible: about 6 × tokens × parameters, the encoder's 2 layers of 32 dimensions being most of them.
+    tokens = sum(batch["input_ids"].numel() for batch in loader)
+    assert 6 * tokens * non_embedding_parameters(model.encoder) <= expected < 6 * tokens * 1.2 * non_embedding_parameters(model.encoder)

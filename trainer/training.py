@@ -209,6 +209,11 @@ class MultitaskTrainer(Trainer):
                 "check its labels and inputs, lower LEARNING_RATE or MAX_GRAD_NORM, or use PRECISION=fp32")
         return loss
 
+    def floating_point_ops(self, inputs) -> int:
+        """The model's own count (`MultitaskModel.floating_point_ops`): the encoder and the batch's
+        head, not every head (the `Trainer` asks a model for `num_parameters`, which ours has not)."""
+        return self.accelerator.unwrap_model(self.model).floating_point_ops(inputs)
+
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("training needs a train split for every task")
