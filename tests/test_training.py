@@ -7,6 +7,9 @@ padded with -100 to the longest sentence, and a tokenized split's ragged `labels
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -310,3 +313,31 @@ def test_total_flos_counts_every_trained_batch_on_the_encoder_and_its_tasks_head
     # Plausible: about 6 × tokens × parameters, the encoder's 2 layers of 32 dimensions being most of them.
     tokens = sum(batch["input_ids"].numel() for batch in loader)
     assert 6 * tokens * non_embedding_parameters(model.encoder) <= expected < 6 * tokens * 1.2 * non_embedding_parameters(model.encoder)
+
+
+def test_evaluation_shows_a_progress_bar_per_task_with_its_name_and_its_total(tiny_model, tmp_path, capsys):
+    import math
+    import re
+
+    from tests.conftest import write_tasks_file
+
+    # Validation splits of different sizes: 3, 2, 1 and 4 batches of 3.
+    tasks_file = write_tasks_file(tmp_path / "tasks", n_train=8, n_eval=8)
+    declared = json.loads(tasks_file.read_text())
+    for task, n in zip(declared["tasks"], (8, 5, 2, 11)):
+        path = Path(task["files"]["validation"])
+        lines = path.read_text().splitlines(keepends=True)
+        header = 0 if path.suffix == ".jsonl" else 1
+        if n > len(lines) - header:  # the token task's file: write more sentences
+            lines = lines + lines[header:] * 2
+        path.write_text("".join(lines[: header + n]))
+    trainer = build_trainer(tiny_model, tasks_file, tmp_path / "out")
+    capsys.readouterr()
+
+    trainer.evaluate()
+    shown = capsys.readouterr().err
+    for task in trainer.tasks:
+        batches = math.ceil(len(task.validation) / trainer.args.eval_batch_size)
+        assert re.search(rf"Evaluation {task.name}: 100%\|[^|\n\r]*\| {batches}/{batches} ", shown), (task.name, shown)
+    assert [math.ceil(len(t.validation) / 3) for t in trainer.tasks] == [3, 2, 1, 4]
+    assert not re.search(r"\b\d+it \[", shown), shown  # no bar that lost its total

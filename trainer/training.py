@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length, speed_metrics
 
 from . import metrics as metric_fns
 from .config import Config, ConfigError
@@ -118,6 +120,37 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
     )
 
 
+class TaskProgressCallback(ProgressCallback):
+    """The `Trainer`'s progress bars, with one evaluation bar per task: named by its loader's
+    `description` (`Evaluation <task>`) and counting to that task's number of batches.
+
+    The `Trainer`'s own callback makes one bar for the first loader of an evaluation, with that
+    loader's length, and closes it only when the whole evaluation ends: every later task's batches
+    ran past its total, which tqdm then shows as a bare count (`113it`).
+    """
+
+    def __init__(self, max_str_len: int = 100):
+        super().__init__(max_str_len)
+        self._bar_loader = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero or not has_length(eval_dataloader):
+            return
+        if self.prediction_bar is not None and self._bar_loader is not eval_dataloader:
+            self._close_bar()
+        if self.prediction_bar is None:
+            self._bar_loader = eval_dataloader
+            self.prediction_bar = tqdm(total=len(eval_dataloader), desc=getattr(eval_dataloader, "description", None),
+                                       leave=self.training_bar is None, dynamic_ncols=True)
+        self.prediction_bar.update(1)
+        if self.prediction_bar.n >= self.prediction_bar.total:
+            self._close_bar()  # the task is done; `predict` never reaches `on_predict`, which closes it
+
+    def _close_bar(self) -> None:
+        self.prediction_bar.close()
+        self.prediction_bar, self._bar_loader = None, None
+
+
 class EpochAwareLoader(DataLoader):
     """A DataLoader whose `set_epoch` reaches the multitask batch sampler.
 
@@ -147,6 +180,10 @@ class MultitaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Heads compute their own mean loss; never let Trainer rescale by a token count.
         self.model_accepts_loss_kwargs = False
+        callbacks = self.callback_handler.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is ProgressCallback:  # in its place: the order of callbacks is kept
+                callbacks[i] = TaskProgressCallback()
 
     # ---------------------------------------------------------------- training data
     def make_batch_sampler(self) -> MultitaskBatchSampler:
@@ -226,8 +263,9 @@ class MultitaskTrainer(Trainer):
         )
 
     # ---------------------------------------------------------------- evaluation
-    def task_dataloader(self, task: TaskData, dataset) -> DataLoader:
-        """Sequential loader over one task's data, sharded across ranks by accelerate."""
+    def task_dataloader(self, task: TaskData, dataset, description: str | None = None) -> DataLoader:
+        """Sequential loader over one task's data, sharded across ranks by accelerate; `description`
+        names its progress bar (`TaskProgressCallback`)."""
         collate = MultitaskCollator([task.name], [task.collator])
         loader = DataLoader(
             _Tagged(dataset),
@@ -236,13 +274,16 @@ class MultitaskTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        return self.accelerator.prepare(loader)
+        loader = self.accelerator.prepare(loader)
+        loader.description = description
+        return loader
 
     def predict_task(self, task: TaskData, dataset, *, metric_key_prefix: str = "test"):
         """Run `task`'s head over `dataset`; returns transformers' `EvalLoopOutput`."""
+        description = f"Prediction {task.name}"
         return self.evaluation_loop(
-            self.task_dataloader(task, dataset),
-            description=f"Prediction {task.name}",
+            self.task_dataloader(task, dataset, description),
+            description=description,
             prediction_loss_only=False,
             metric_key_prefix=f"{metric_key_prefix}_{task.name}",
         )
@@ -258,9 +299,10 @@ class MultitaskTrainer(Trainer):
         for task in self.tasks:
             if task.validation is None:
                 continue
+            description = f"Evaluation {task.name}"
             output = self.evaluation_loop(
-                self.task_dataloader(task, task.validation),
-                description=f"Evaluation {task.name}",
+                self.task_dataloader(task, task.validation, description),
+                description=description,
                 prediction_loss_only=False,
                 ignore_keys=ignore_keys,
                 metric_key_prefix=f"{metric_key_prefix}_{task.name}",
