@@ -341,3 +341,73 @@ def test_evaluation_shows_a_progress_bar_per_task_with_its_name_and_its_total(ti
         assert re.search(rf"Evaluation {task.name}: 100%\|[^|\n\r]*\| {batches}/{batches} ", shown), (task.name, shown)
     assert [math.ceil(len(t.validation) / 3) for t in trainer.tasks] == [3, 2, 1, 4]
     assert not re.search(r"\b\d+it \[", shown), shown  # no bar that lost its total
+
+
+# ------------------------------------------------------------------------------ each task's training loss
+def micro_batch_tasks(trainer, epochs: int) -> list[str]:
+    """The task of every batch the run trains, in order: the batch sampler's schedule, epoch by epoch."""
+    sampler = trainer.make_batch_sampler()
+    names = [t.name for t in trainer.tasks]
+    order = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order += [names[t] for t in sampler.schedule()]
+    return order
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_each_logging_step_has_the_loss_of_every_task_it_trained_and_they_average_to_the_loss(
+        tiny_model, small_tasks, tmp_path, accumulation):
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", num_train_epochs=2, logging_steps=1,
+                            gradient_accumulation_steps=accumulation)
+    trainer.train()
+
+    batches = micro_batch_tasks(trainer, epochs=2)  # 8 an epoch: 2 of each task
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == list(range(1, len(batches) // accumulation + 1))
+    for entry in logged:
+        trained = batches[(entry["step"] - 1) * accumulation: entry["step"] * accumulation]
+        per_task = {k.removeprefix("loss_"): v for k, v in entry.items() if k.startswith("loss_")}
+        assert set(per_task) == set(trained), entry  # a task that did not train in the interval has no loss there
+        assert all(np.isfinite(v) for v in per_task.values())
+        # The Trainer's loss is the mean over the interval's batches: each task's, weighted by its batches.
+        weighted = sum(per_task[t] * trained.count(t) for t in per_task) / len(trained)
+        assert weighted == pytest.approx(entry["loss"], rel=1e-5), entry
+
+
+def test_each_tasks_loss_over_a_longer_logging_interval_is_the_mean_of_its_batches(tiny_model, small_tasks, tmp_path):
+    # 8 steps an epoch logged every 4: the first interval's tasks, each with its mean over its batches.
+    losses: list[tuple[str, float]] = []
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", logging_steps=4)
+    step = trainer.training_step
+
+    def recording(model, inputs, num_items_in_batch=None):
+        loss = step(model, inputs, num_items_in_batch)
+        losses.append((inputs["task"], float(loss)))
+        return loss
+
+    trainer.training_step = recording
+    trainer.train()
+
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [4, 8]
+    for entry, interval in zip(logged, (losses[:4], losses[4:])):
+        tasks = {t for t, _ in interval}
+        assert {k for k in entry if k.startswith("loss_")} == {f"loss_{t}" for t in tasks}
+        for task in tasks:
+            mine = [v for t, v in interval if t == task]
+            assert entry[f"loss_{task}"] == pytest.approx(sum(mine) / len(mine), rel=1e-5)
+        assert entry["loss"] == pytest.approx(sum(v for _, v in interval) / 4, rel=1e-5)
+
+
+def test_each_tasks_loss_reaches_tensorboard_beside_the_loss(tiny_model, small_tasks, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # where `train` points it
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", logging_steps=8, report_to="tensorboard")
+    trainer.train()
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", *(f"train/loss_{t.name}" for t in trainer.tasks)} <= tags, sorted(tags)

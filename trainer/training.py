@@ -180,6 +180,12 @@ class MultitaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Heads compute their own mean loss; never let Trainer rescale by a token count.
         self.model_accepts_loss_kwargs = False
+        # Each task's training loss since the last log: sums of the steps' losses, on the device
+        # (adding to them syncs nothing), and on the host the optimizer steps they stand for (the
+        # same on every rank: all ranks train the same task at each step). Reduced in `log`.
+        self._task_index = {t.name: i for i, t in enumerate(tasks)}
+        self._task_loss_sums: torch.Tensor | None = None
+        self._task_loss_steps = [0.0] * len(tasks)
         callbacks = self.callback_handler.callbacks
         for i, callback in enumerate(callbacks):
             if type(callback) is ProgressCallback:  # in its place: the order of callbacks is kept
@@ -228,7 +234,8 @@ class MultitaskTrainer(Trainer):
         return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it.
+        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it, and adding
+        the loss to its task's (see `log`).
 
         Raises:
             NonFiniteLoss: on every rank when any rank's loss is NaN or infinite.
@@ -244,7 +251,58 @@ class MultitaskTrainer(Trainer):
             raise NonFiniteLoss(
                 f"task {task!r} gave a non-finite training loss ({float(loss):g}) at step {self.state.global_step + 1}: "
                 "check its labels and inputs, lower LEARNING_RATE or MAX_GRAD_NORM, or use PRECISION=fp32")
+        self._add_task_loss(task, loss)
         return loss
+
+    def _add_task_loss(self, task: str, loss: torch.Tensor) -> None:
+        # The Trainer logs sum(returned losses) / optimizer steps, and a returned loss is its batch's
+        # mean loss divided by the batches of its optimizer step; each task's loss is then
+        # sum(its returned losses) / sum(1 / batches of their steps): its batches' mean loss, and
+        # the tasks' losses weighted by their steps average to the Trainer's.
+        if self._task_loss_sums is None:
+            self._task_loss_sums = torch.zeros(len(self.tasks), dtype=torch.float32, device=loss.device)
+        i = self._task_index[task]
+        self._task_loss_sums[i] += loss.detach()
+        batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._task_loss_steps[i] += 1 / batches
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with `loss_<task>` after a training log's `loss`: each task's mean
+        training loss since the previous log, averaged over ranks like `loss`, for every task that
+        trained in between. Every log consumer (console, TensorBoard and the other trackers, the
+        log history) gets them in the same entry.
+
+        A training log reduces the sums over ranks: the Trainer logs `loss` on every rank.
+        """
+        if "loss" in logs:
+            task_losses, merged = self._task_losses(), {}
+            for key, value in logs.items():
+                merged[key] = value
+                if key == "loss":
+                    merged.update(task_losses)
+            logs = merged
+        elif "train_loss" in logs:  # the end of training: batches after the last log count in no later run
+            self._reset_task_losses()
+        super().log(logs, start_time)
+
+    def _task_losses(self) -> dict[str, float]:
+        if self._task_loss_sums is None:
+            return {}
+        sums = self._task_loss_sums
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            sums = sums.clone()
+            torch.distributed.all_reduce(sums)
+            sums /= self.args.world_size
+        values = sums.tolist()  # the one copy to the host, at logging time
+        losses = {f"loss_{t.name}": values[i] / steps for i, (t, steps) in enumerate(zip(self.tasks, self._task_loss_steps))
+                  if steps > 0}
+        self._reset_task_losses()
+        return losses
+
+    def _reset_task_losses(self) -> None:
+        if self._task_loss_sums is not None:
+            self._task_loss_sums.zero_()
+        self._task_loss_steps = [0.0] * len(self.tasks)
 
     def floating_point_ops(self, inputs) -> int:
         """The model's own count (`MultitaskModel.floating_point_ops`): the encoder and the batch's
