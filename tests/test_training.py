@@ -8,6 +8,7 @@ padded with -100 to the longest sentence, and a tokenized split's ragged `labels
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,27 @@ def build_trainer(model_dir, tasks_file, out, **settings):
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
 
 
+def tasks_of_sizes(directory: Path, *, train: tuple[int, ...], validation: tuple[int, ...],
+                   batch_sizes: dict[str, int] | None = None) -> Path:
+    """The tiny tasks file, each task's splits cut (or repeated) to the sizes given, in task order."""
+    from tests.conftest import write_tasks_file
+
+    tasks_file = write_tasks_file(directory, n_train=max(train), n_eval=max(validation))
+    declared = json.loads(tasks_file.read_text())
+    for task, *sizes in zip(declared["tasks"], train, validation):
+        for split, n in zip(("train", "validation"), sizes):
+            path = Path(task["files"][split])
+            lines = path.read_text().splitlines(keepends=True)
+            header = 0 if path.suffix == ".jsonl" else 1
+            while len(lines) - header < n:  # a demo file shorter than asked: repeat its rows
+                lines += lines[header:]
+            path.write_text("".join(lines[: header + n]))
+        if batch_sizes and task["name"] in batch_sizes:
+            task["batch_size"] = batch_sizes[task["name"]]
+    tasks_file.write_text(json.dumps(declared))
+    return tasks_file
+
+
 @pytest.fixture
 def small_trainer(tiny_model, small_tasks, tmp_path):
     return build_trainer(tiny_model, small_tasks, tmp_path / "out")
@@ -316,21 +338,10 @@ def test_total_flos_counts_every_trained_batch_on_the_encoder_and_its_tasks_head
 
 
 def test_evaluation_shows_a_progress_bar_per_task_with_its_name_and_its_total(tiny_model, tmp_path, capsys):
-    import math
     import re
 
-    from tests.conftest import write_tasks_file
-
     # Validation splits of different sizes: 3, 2, 1 and 4 batches of 3.
-    tasks_file = write_tasks_file(tmp_path / "tasks", n_train=8, n_eval=8)
-    declared = json.loads(tasks_file.read_text())
-    for task, n in zip(declared["tasks"], (8, 5, 2, 11)):
-        path = Path(task["files"]["validation"])
-        lines = path.read_text().splitlines(keepends=True)
-        header = 0 if path.suffix == ".jsonl" else 1
-        if n > len(lines) - header:  # the token task's file: write more sentences
-            lines = lines + lines[header:] * 2
-        path.write_text("".join(lines[: header + n]))
+    tasks_file = tasks_of_sizes(tmp_path / "tasks", train=(8, 8, 8, 8), validation=(8, 5, 2, 11))
     trainer = build_trainer(tiny_model, tasks_file, tmp_path / "out")
     capsys.readouterr()
 
@@ -411,3 +422,35 @@ def test_each_tasks_loss_reaches_tensorboard_beside_the_loss(tiny_model, small_t
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", *(f"train/loss_{t.name}" for t in trainer.tasks)} <= tags, sorted(tags)
+
+
+# ------------------------------------------------------------------------------ the sampling plan
+@pytest.mark.parametrize("sampling", ["temperature", "weights"])
+def test_the_sampling_plan_table_shows_what_the_loader_yields_per_task(tiny_model, tmp_path, sampling):
+    from collections import Counter
+
+    from trainer.training import sampling_plan
+
+    tasks_file = tasks_of_sizes(tmp_path / "tasks", train=(16, 10, 6, 24), validation=(8, 5, 2, 11),
+                                batch_sizes={"demo_choice": 4})
+    knobs = {"sampling_temperature": 3} if sampling == "temperature" else {"task_weights": "demo_similarity=1,demo_entailment=1,demo_choice=3,demo_tags=0.5"}
+    trainer = build_trainer(tiny_model, tasks_file, tmp_path / "out", sampling=sampling, gradient_accumulation_steps=2, **knobs)
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(0)
+    yielded = Counter(batch["task"] for batch in loader)
+    epoch = sum(yielded.values())
+
+    lines = sampling_plan(trainer.tasks, trainer.make_batch_sampler(), trainer.args.gradient_accumulation_steps).splitlines()
+
+    strategy = ("SAMPLING=temperature (SAMPLING_TEMPERATURE=3, SAMPLING_CAP=none)" if sampling == "temperature" else
+                "SAMPLING=weights (TASK_WEIGHTS=demo_similarity=1,demo_entailment=1,demo_choice=3,demo_tags=0.5)")
+    assert lines[0] == f"Sampling plan: {strategy}; an epoch is {epoch} batches on each of 1 process, " \
+                       f"{math.ceil(epoch / 2)} optimizer steps"
+    assert lines[1].split() == ["task", "type", "train", "validation", "batch", "batches/epoch", "share", "passes/epoch"]
+    assert len(lines) == 2 + len(trainer.tasks)
+    for row, task, train, validation in zip(lines[2:], trainer.tasks, (16, 10, 6, 24), (8, 5, 2, 11)):
+        batch = 4 if task.name == "demo_choice" else 8
+        steps = yielded[task.name]
+        assert steps > 0
+        assert row.split() == [task.name, task.spec.type, str(train), str(validation), str(batch), str(steps),
+                               f"{100 * steps / epoch:.1f}%", f"{steps / math.ceil(train / batch):.2f}"], row

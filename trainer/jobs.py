@@ -40,6 +40,7 @@ from .training import (
     check_task_mixing,
     decode,
     resolve_precision,
+    sampling_plan,
 )
 
 logger = logging.getLogger("trainer")
@@ -223,6 +224,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             plan = _shared_resume_plan(cfg, store, trainer, identity)
             if plan.finished is not None:
                 return _already_finished(cfg, store, plan.finished, trainer)
+            if args.process_index == 0:  # one table per job, not one per rank
+                logger.info(sampling_plan(trainer.tasks, trainer.make_batch_sampler(), args.gradient_accumulation_steps))
 
             sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), identity=identity, keep=cfg.save_total_limit,
                                   guard=lease.check if lease else None, writer=lease.owner.id if lease else None)

@@ -75,6 +75,32 @@ def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]
     )
 
 
+def sampling_plan(tasks: list[TaskData], sampler: MultitaskBatchSampler, gradient_accumulation_steps: int) -> str:
+    """The table `train` logs before training: the strategy and its settings, the epoch, and per
+    task its type, split sizes, batch size, batches of an epoch, their share and the passes over the
+    task's data they make; from `sampler.describe()`, so it is what the sampler yields."""
+    plan = sampler.describe()
+    settings = plan["settings"]
+    if plan["strategy"] == "temperature":
+        knobs = f" (SAMPLING_TEMPERATURE={settings['temperature']:g}, SAMPLING_CAP={'none' if settings['cap'] is None else settings['cap']})"
+    elif plan["strategy"] == "weights":
+        knobs = " (TASK_WEIGHTS=" + ",".join(f"{t.name}={w:g}" for t, w in zip(tasks, settings["weights"])) + ")"
+    else:
+        knobs = ""
+    steps = plan["steps"]
+    optimizer_steps = steps // gradient_accumulation_steps + int(steps % gradient_accumulation_steps > 0)  # as the Trainer counts
+    processes = sampler.num_replicas
+    lines = [f"Sampling plan: SAMPLING={plan['strategy']}{knobs}; an epoch is {steps} batches on each of {processes} "
+             f"process{'es' if processes > 1 else ''}, {optimizer_steps} optimizer steps",
+             f"{'task':<24} {'type':<20} {'train':>7} {'validation':>10} {'batch':>5} {'batches/epoch':>13} "
+             f"{'share':>6} {'passes/epoch':>12}"]
+    for task, row in zip(tasks, plan["tasks"]):
+        validation = len(task.validation) if task.validation is not None else "-"
+        lines.append(f"{task.name:<24} {task.spec.type:<20} {row['examples']:>7} {validation:>10} {row['batch_size']:>5} "
+                     f"{row['steps']:>13} {100 * row['share']:>5.1f}% {row['passes']:>12.2f}")
+    return "\n".join(lines)
+
+
 def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
 
