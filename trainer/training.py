@@ -1,9 +1,11 @@
 """The Hugging Face `Trainer`, extended only where several tasks need it.
 
 `MultitaskTrainer` overrides the training data loader (one task per batch, from
-`MultitaskBatchSampler`), evaluation (each task on its own data and metrics, plus their macro
-average) and saving (the checkpoint describes its tasks). The training loop, optimizer,
-schedulers, mixed precision, logging, checkpoint rotation and resumption are `Trainer`'s own.
+`MultitaskBatchSampler`), the training step and log (each task's loss beside the mean one) and
+the FLOP count (the encoder and the batch's head), evaluation (each task on its own data and
+metrics, with a progress bar of its own, plus their macro average) and saving (the checkpoint
+describes its tasks). The training loop, optimizer, schedulers, mixed precision, the log's
+destinations, checkpoint rotation and resumption are `Trainer`'s own.
 """
 
 from __future__ import annotations
