@@ -7,6 +7,7 @@ and records, per rank, into OUT/rank<R>.json:
 - ``drawn``: every batch the multitask batch sampler handed the data loader (epoch, global indices);
 - ``steps``: every `training_step` (global step, task, batch size, loss), in order, so the i-th
   step trained the i-th drawn batch (no loader workers, no gradient accumulation);
+- ``log_history``: the Trainer's log entries (a training log at every step);
 - the model's checksum before and after training, and whether this rank may write files
   (`should_save`); the final model is saved to OUT/saved-rank<R>;
 - whether the `TrainingArguments` as `build_training_args` makes them put this process in the
@@ -140,6 +141,7 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
         "should_save": args.should_save, "tasks": [t.name for t in tasks], "sizes": [len(t.train) for t in tasks],
         "batch_sizes": [t.spec.batch_size or cfg.train_batch_size for t in tasks],
         "global_step": trainer.state.global_step, "steps": steps, "drawn": drawn, "data_times": data_times,
+        "log_history": trainer.state.log_history,
         "initial_checksum": initial, "final_checksum": checksum(trainer.model.state_dict()),
         "model_is_wrapped": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel),
     }

@@ -153,6 +153,18 @@ def test_ranks_train_disjoint_examples_within_a_pass(ddp_run):
     assert losses[0] != losses[1]
 
 
+def test_each_tasks_loss_is_logged_as_the_mean_over_the_ranks(ddp_run):
+    records = ddp_run["records"]
+    for record in records.values():
+        logged = [e for e in record["log_history"] if "loss" in e]
+        assert [e["step"] for e in logged] == list(range(1, MAX_STEPS + 1))  # LOGGING_STEPS=1
+        for entry in logged:
+            step = [r["steps"][entry["step"] - 1] for r in records.values()]  # the ranks' losses differ
+            mean = sum(s["loss"] for s in step) / WORLD
+            assert {k for k in entry if k.startswith("loss_")} == {f"loss_{step[0]['task']}"}, entry
+            assert entry[f"loss_{step[0]['task']}"] == pytest.approx(mean, rel=1e-5) == entry["loss"]
+
+
 def test_gradients_are_synchronised(ddp_run):
     records = ddp_run["records"]
     assert records[0]["final_checksum"] == records[1]["final_checksum"], "ranks ended with different weights"

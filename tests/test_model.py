@@ -293,3 +293,34 @@ def test_a_trainer_checkpoint_holds_the_encoder_once(tiny_model, tiny_tasks, tmp
     _, data = safetensors_layout(weights)
     assert data == count(model.parameters()) * 4 == (count(encoder.parameters()) + head_only_params(model)) * 4
     assert weights.stat().st_size == pytest.approx(data, rel=0.1)  # a 30k-parameter model: the header weighs more
+
+
+# ------------------------------------------------------------------------ floating-point operations
+def non_embedding_parameters(module) -> int:
+    """Parameters outside nn.Embedding layers, counted without transformers' helper."""
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in embeddings)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_floating_point_ops_count_the_encoder_and_the_batchs_head_as_the_trainer_counts_a_model(family):
+    import copy
+
+    from trainer.model import _auto_class
+
+    encoder = tiny_encoder(family)
+    model = MultitaskModel(encoder, one_task_of_each_type())
+    for name, spec in model.specs.items():
+        inputs = random_inputs(spec)
+        tokens = inputs["input_ids"].numel()  # a multiple-choice batch runs the encoder on every choice
+        ran = non_embedding_parameters(encoder) + non_embedding_parameters(model.heads[name])
+        counted = model.floating_point_ops({**inputs, "task": name})
+        assert counted == 6 * tokens * ran, f"{family} {spec.type}"
+        # Where the standalone model has the shared encoder's layers, the plain Trainer's count for it
+        # is the same. (The shared encoder runs its pooler for every task; a standalone BERT token
+        # classifier and RoBERTa's heads have none.)
+        if family == "bert" and spec.type != "token_classification":
+            standalone = _auto_class(spec).from_config(copy.deepcopy(model.heads[name].config))
+            assert counted == 6 * tokens * standalone.num_parameters(exclude_embeddings=True)
+    with_no_ids = {k: v for k, v in random_inputs(model.specs["entailment"]).items() if k != "input_ids"}
+    assert model.floating_point_ops({**with_no_ids, "task": "entailment"}) == 0

@@ -384,3 +384,29 @@ def test_one_replica_matches_the_default():
     assert epoch(MultitaskBatchSampler(SIZES, BATCH_SIZES, seed=4, num_replicas=1, rank=0)) == epoch(
         MultitaskBatchSampler(SIZES, BATCH_SIZES, seed=4)
     )
+
+
+# ------------------------------------------------------------------------------ describing the plan
+@pytest.mark.parametrize(("strategy", "settings", "knobs"), [
+    ("proportional", {}, {}),
+    ("temperature", {"temperature": 3.0, "cap": 12}, {"temperature": 3.0, "cap": 12}),
+    ("temperature", {"temperature": 2.0}, {"temperature": 2.0, "cap": None}),
+    ("uniform", {"cap": 12}, {}),  # a cap changes nothing here: every task weighs the same
+    ("round_robin", {}, {}),
+    ("weights", {"weights": [1.0, 3.0, 0.5]}, {"weights": [1.0, 3.0, 0.5]}),
+], ids=["proportional", "temperature-cap", "temperature", "uniform", "round_robin", "weights"])
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_describe_gives_the_plan_the_sampler_yields(strategy, settings, knobs, replicas):
+    sampler = MultitaskBatchSampler(SIZES, BATCH_SIZES, strategy=strategy, seed=4, num_replicas=replicas, rank=0, **settings)
+    plan = sampler.describe()
+
+    drawn = Counter(task_sequence(SIZES, epoch(sampler, 1)))
+    assert plan["strategy"] == strategy and plan["settings"] == knobs
+    assert plan["steps"] == sum(drawn.values()) == len(sampler)
+    for task, row in enumerate(plan["tasks"]):
+        passes = batches_per_pass(SIZES[task], BATCH_SIZES[task], replicas)
+        assert row == {"examples": SIZES[task], "batch_size": BATCH_SIZES[task], "batches_per_pass": passes,
+                       "steps": drawn[task], "share": pytest.approx(drawn[task] / plan["steps"]),
+                       "passes": pytest.approx(drawn[task] / passes)}, (task, row)
+    if strategy == "proportional":
+        assert all(row["passes"] == 1 for row in plan["tasks"])

@@ -7,6 +7,10 @@ padded with -100 to the longest sentence, and a tokenized split's ragged `labels
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -161,7 +165,47 @@ def test_chance_report_of_a_tokenized_split_with_sentences_of_different_lengths(
     spec = declare("token_classification", TAGS, ["accuracy"])
     validation = datasets.Dataset.from_dict({"labels": ragged(PADDED_REFS, LENGTHS)})
     report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9})
-    assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "learned": True}}}
+    assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "needs": pytest.approx(4 / 9 + 0.05),
+                                         "learned": True}}}
+
+
+def chance_task(name: str, labels: list[str], references: list[int], metrics: list[str]):
+    import datasets
+
+    from trainer.data import TaskData
+
+    spec = build_spec({"name": name, "type": "classification", "files": {"train": "t.csv"}, "metrics": metrics})
+    return TaskData(spec.with_labels(labels), None, datasets.Dataset.from_dict({"labels": references}), None)
+
+
+def test_chance_report_prints_the_margin_and_its_summary_uses_the_same_rule(caplog):
+    import logging
+
+    from trainer.jobs import LEARNED_MARGIN, chance_report
+
+    assert LEARNED_MARGIN == 0.05
+    # MRPC's case: accuracy 0.70 is above its chance level (0.68, the majority class) but not by
+    # the margin, so it is not learned, and the table says what it needed.
+    mrpc = chance_task("mrpc", ["no", "yes"], [1] * 68 + [0] * 32, ["accuracy", "f1"])
+    rte = chance_task("rte", ["yes", "no"], [0] * 50 + [1] * 50, ["accuracy"])
+    caplog.set_level(logging.INFO, logger="trainer")
+    report = chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.70, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+
+    assert report["mrpc"]["accuracy"] == {"value": 0.70, "chance": pytest.approx(0.68), "needs": pytest.approx(0.73),
+                                          "learned": False}
+    assert report["mrpc"]["f1"]["learned"] and report["rte"]["accuracy"]["learned"]
+    table, summary = [r.getMessage() for r in caplog.records]
+    lines = table.splitlines()
+    assert lines[0] == "Evaluation against chance (a constant guess): a metric is learned when value >= chance + 0.05"
+    assert lines[1].split() == ["task", "metric", "value", "chance", "needs", "learned"]
+    assert lines[2].split() == ["mrpc", "accuracy", "0.7000", "0.6800", "0.7300", "NO"]
+    assert lines[4].split() == ["rte", "accuracy", "0.6100", "0.5000", "0.5500", "yes"]
+    assert summary == ("Not every task learned: 1 metric below chance + 0.05 (mrpc accuracy 0.7000, needs 0.7300); "
+                       "train longer or check the data.")
+
+    caplog.clear()
+    chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.74, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+    assert caplog.records[-1].getMessage() == "All tasks learned: every metric >= chance + 0.05."
 
 
 # ------------------------------------------------------------------------------ precision
@@ -207,3 +251,206 @@ def test_task_mixing_is_checked_from_the_data_sizes_with_the_tasks_names():
     weights = load_config({"tasks": "big,small", "sampling": "weights", "task_weights": "big=1,small=1e-6"}, environ={}, env_file="")
     with pytest.raises(ConfigError, match=r"^TASK_WEIGHTS is not valid: task 'small' \(weight 1e-06\)"):
         check_task_mixing(weights, specs, [100, 100])
+
+
+# ------------------------------------------------------------------------------ a tiny MultitaskTrainer, in process
+def build_trainer(model_dir, tasks_file, out, **settings):
+    """A `MultitaskTrainer` over the tiny tasks, built as `python -m trainer train` builds it."""
+    from transformers import set_seed
+
+    from trainer.config import load_config
+    from trainer.jobs import load_tokenizer, prepare_tasks, tokenize_tasks
+    from trainer.model import MultitaskModel, load_encoder
+    from trainer.tasks import resolve_tasks
+    from trainer.training import MultitaskTrainer, build_training_args
+
+    cli = {"model_name": str(model_dir), "model_init": "scratch", "tasks_file": str(tasks_file),
+           "tasks": "demo_similarity,demo_entailment,demo_choice,demo_tags", "output_dir": str(out),
+           "run_name": "inproc", "num_train_epochs": 1, "train_batch_size": 8, "eval_batch_size": 3,
+           "learning_rate": 1e-3, "precision": "fp32", "seed": 5, **settings}
+    cfg = load_config(cli, environ={}, env_file="")
+    specs, raw = prepare_tasks(cfg, resolve_tasks(cfg), need_train=True)
+    tokenizer = load_tokenizer(cfg.model_name, specs)
+    tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
+    set_seed(cfg.seed)
+    model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
+    args = build_training_args(cfg, precision="fp32")
+    return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
+
+
+def tasks_of_sizes(directory: Path, *, train: tuple[int, ...], validation: tuple[int, ...],
+                   batch_sizes: dict[str, int] | None = None) -> Path:
+    """The tiny tasks file, each task's splits cut (or repeated) to the sizes given, in task order."""
+    from tests.conftest import write_tasks_file
+
+    tasks_file = write_tasks_file(directory, n_train=max(train), n_eval=max(validation))
+    declared = json.loads(tasks_file.read_text())
+    for task, *sizes in zip(declared["tasks"], train, validation):
+        for split, n in zip(("train", "validation"), sizes):
+            path = Path(task["files"][split])
+            lines = path.read_text().splitlines(keepends=True)
+            header = 0 if path.suffix == ".jsonl" else 1
+            while len(lines) - header < n:  # a demo file shorter than asked: repeat its rows
+                lines += lines[header:]
+            path.write_text("".join(lines[: header + n]))
+        if batch_sizes and task["name"] in batch_sizes:
+            task["batch_size"] = batch_sizes[task["name"]]
+    tasks_file.write_text(json.dumps(declared))
+    return tasks_file
+
+
+@pytest.fixture
+def small_trainer(tiny_model, small_tasks, tmp_path):
+    return build_trainer(tiny_model, small_tasks, tmp_path / "out")
+
+
+def test_the_macro_average_is_the_mean_of_each_tasks_primary_metric(small_trainer):
+    metrics = small_trainer.evaluate()
+
+    primary = [metrics[f"eval_{t.name}_{t.spec.primary_metric}"] for t in small_trainer.tasks]
+    assert metrics["eval_macro_avg"] == pytest.approx(np.mean(primary))
+    for task in small_trainer.tasks:  # every metric is still logged
+        for name in task.spec.metrics:
+            assert np.isfinite(metrics[f"eval_{task.name}_{name}"]), (task.name, name)
+    # Two tasks have a second metric (spearmanr, accuracy) that differs from their first here, so
+    # the mean over every metric of a task would give another macro average.
+    of_all = np.mean([np.mean([metrics[f"eval_{t.name}_{m}"] for m in t.spec.metrics]) for t in small_trainer.tasks])
+    assert metrics["eval_macro_avg"] != pytest.approx(of_all)
+
+
+def test_total_flos_counts_every_trained_batch_on_the_encoder_and_its_tasks_head(small_trainer):
+    from tests.test_model import non_embedding_parameters
+
+    trainer = small_trainer
+    result = trainer.train()
+
+    model = trainer.model
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(0)
+    expected = sum(6 * batch["input_ids"].numel()
+                   * (non_embedding_parameters(model.encoder) + non_embedding_parameters(model.heads[batch["task"]]))
+                   for batch in loader)
+    assert len(loader) == trainer.state.global_step == 8  # one epoch: every batch above was trained once
+    assert result.metrics["total_flos"] == trainer.state.total_flos == expected
+    # Plausible: about 6 × tokens × parameters, the encoder's 2 layers of 32 dimensions being most of them.
+    tokens = sum(batch["input_ids"].numel() for batch in loader)
+    assert 6 * tokens * non_embedding_parameters(model.encoder) <= expected < 6 * tokens * 1.2 * non_embedding_parameters(model.encoder)
+
+
+def test_evaluation_shows_a_progress_bar_per_task_with_its_name_and_its_total(tiny_model, tmp_path, capsys):
+    import re
+
+    # Validation splits of different sizes: 3, 2, 1 and 4 batches of 3.
+    tasks_file = tasks_of_sizes(tmp_path / "tasks", train=(8, 8, 8, 8), validation=(8, 5, 2, 11))
+    trainer = build_trainer(tiny_model, tasks_file, tmp_path / "out")
+    capsys.readouterr()
+
+    trainer.evaluate()
+    shown = capsys.readouterr().err
+    for task in trainer.tasks:
+        batches = math.ceil(len(task.validation) / trainer.args.eval_batch_size)
+        assert re.search(rf"Evaluation {task.name}: 100%\|[^|\n\r]*\| {batches}/{batches} ", shown), (task.name, shown)
+    assert [math.ceil(len(t.validation) / 3) for t in trainer.tasks] == [3, 2, 1, 4]
+    assert not re.search(r"\b\d+it \[", shown), shown  # no bar that lost its total
+
+
+# ------------------------------------------------------------------------------ each task's training loss
+def micro_batch_tasks(trainer, epochs: int) -> list[str]:
+    """The task of every batch the run trains, in order: the batch sampler's schedule, epoch by epoch."""
+    sampler = trainer.make_batch_sampler()
+    names = [t.name for t in trainer.tasks]
+    order = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order += [names[t] for t in sampler.schedule()]
+    return order
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_each_logging_step_has_the_loss_of_every_task_it_trained_and_they_average_to_the_loss(
+        tiny_model, small_tasks, tmp_path, accumulation):
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", num_train_epochs=2, logging_steps=1,
+                            gradient_accumulation_steps=accumulation)
+    trainer.train()
+
+    batches = micro_batch_tasks(trainer, epochs=2)  # 8 an epoch: 2 of each task
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == list(range(1, len(batches) // accumulation + 1))
+    for entry in logged:
+        trained = batches[(entry["step"] - 1) * accumulation: entry["step"] * accumulation]
+        per_task = {k.removeprefix("loss_"): v for k, v in entry.items() if k.startswith("loss_")}
+        assert set(per_task) == set(trained), entry  # a task that did not train in the interval has no loss there
+        assert all(np.isfinite(v) for v in per_task.values())
+        # The Trainer's loss is the mean over the interval's batches: each task's, weighted by its batches.
+        weighted = sum(per_task[t] * trained.count(t) for t in per_task) / len(trained)
+        assert weighted == pytest.approx(entry["loss"], rel=1e-5), entry
+
+
+def test_each_tasks_loss_over_a_longer_logging_interval_is_the_mean_of_its_batches(tiny_model, small_tasks, tmp_path):
+    # 8 steps an epoch logged every 4: the first interval's tasks, each with its mean over its batches.
+    losses: list[tuple[str, float]] = []
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", logging_steps=4)
+    step = trainer.training_step
+
+    def recording(model, inputs, num_items_in_batch=None):
+        loss = step(model, inputs, num_items_in_batch)
+        losses.append((inputs["task"], float(loss)))
+        return loss
+
+    trainer.training_step = recording
+    trainer.train()
+
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [4, 8]
+    for entry, interval in zip(logged, (losses[:4], losses[4:])):
+        tasks = {t for t, _ in interval}
+        assert {k for k in entry if k.startswith("loss_")} == {f"loss_{t}" for t in tasks}
+        for task in tasks:
+            mine = [v for t, v in interval if t == task]
+            assert entry[f"loss_{task}"] == pytest.approx(sum(mine) / len(mine), rel=1e-5)
+        assert entry["loss"] == pytest.approx(sum(v for _, v in interval) / 4, rel=1e-5)
+
+
+def test_each_tasks_loss_reaches_tensorboard_beside_the_loss(tiny_model, small_tasks, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # where `train` points it
+    trainer = build_trainer(tiny_model, small_tasks, tmp_path / "out", logging_steps=8, report_to="tensorboard")
+    trainer.train()
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", *(f"train/loss_{t.name}" for t in trainer.tasks)} <= tags, sorted(tags)
+
+
+# ------------------------------------------------------------------------------ the sampling plan
+@pytest.mark.parametrize("sampling", ["temperature", "weights"])
+def test_the_sampling_plan_table_shows_what_the_loader_yields_per_task(tiny_model, tmp_path, sampling):
+    from collections import Counter
+
+    from trainer.training import sampling_plan
+
+    tasks_file = tasks_of_sizes(tmp_path / "tasks", train=(16, 10, 6, 24), validation=(8, 5, 2, 11),
+                                batch_sizes={"demo_choice": 4})
+    knobs = {"sampling_temperature": 3} if sampling == "temperature" else {"task_weights": "demo_similarity=1,demo_entailment=1,demo_choice=3,demo_tags=0.5"}
+    trainer = build_trainer(tiny_model, tasks_file, tmp_path / "out", sampling=sampling, gradient_accumulation_steps=2, **knobs)
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(0)
+    yielded = Counter(batch["task"] for batch in loader)
+    epoch = sum(yielded.values())
+
+    lines = sampling_plan(trainer.tasks, trainer.make_batch_sampler(), trainer.args.gradient_accumulation_steps).splitlines()
+
+    strategy = ("SAMPLING=temperature (SAMPLING_TEMPERATURE=3, SAMPLING_CAP=none)" if sampling == "temperature" else
+                "SAMPLING=weights (TASK_WEIGHTS=demo_similarity=1,demo_entailment=1,demo_choice=3,demo_tags=0.5)")
+    assert lines[0] == f"Sampling plan: {strategy}; an epoch is {epoch} batches on each of 1 process, " \
+                       f"{math.ceil(epoch / 2)} optimizer steps"
+    assert lines[1].split() == ["task", "type", "train", "validation", "batch", "batches/epoch", "share", "passes/epoch"]
+    assert len(lines) == 2 + len(trainer.tasks)
+    for row, task, train, validation in zip(lines[2:], trainer.tasks, (16, 10, 6, 24), (8, 5, 2, 11)):
+        batch = 4 if task.name == "demo_choice" else 8
+        steps = yielded[task.name]
+        assert steps > 0
+        assert row.split() == [task.name, task.spec.type, str(train), str(validation), str(batch), str(steps),
+                               f"{100 * steps / epoch:.1f}%", f"{steps / math.ceil(train / batch):.2f}"], row

@@ -101,7 +101,7 @@ class Config:
     save_strategy: str = _setting("epoch", "when to checkpoint: no|steps|epoch", "training")
     save_steps: int = _setting(500, "checkpoint every N steps when SAVE_STRATEGY=steps", "training")
     save_total_limit: int | None = _setting(3, "keep at most N checkpoints (the best is always kept)", "training")
-    load_best_model_at_end: bool = _setting(True, "reload the checkpoint with the best macro-average metric at the end", "training")
+    load_best_model_at_end: bool = _setting(True, "reload the checkpoint with the best macro average (of each task's primary metric) at the end", "training")
     dataloader_num_workers: int = _setting(0, "data-loading worker processes", "training")
     report_to: str = _setting("none", "where Trainer logs go besides the console: none|tensorboard", "training")
     export_at_end: bool = _setting(True, "export every task as a standalone Hugging Face model after training", "training")

@@ -40,6 +40,7 @@ from .training import (
     check_task_mixing,
     decode,
     resolve_precision,
+    sampling_plan,
 )
 
 logger = logging.getLogger("trainer")
@@ -102,9 +103,16 @@ def tokenize_data(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenizer
 
 
 def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str = "eval") -> dict[str, Any]:
-    """Compare each task's metrics with what a constant guess scores, and log a table."""
+    """Compare each task's metrics with what a constant guess scores; log a table and a summary.
+
+    A metric is learned when its value is at least its chance level plus LEARNED_MARGIN; the table
+    shows that threshold ("needs") and the summary applies the same rule, in the same words.
+    Returns {task: {metric: {value, chance, needs, learned}}}.
+    """
+    rule = f"chance + {LEARNED_MARGIN:g}"
     report: dict[str, Any] = {}
-    lines = [f"{'task':<24} {'metric':<22} {'value':>8} {'chance':>8}  learned"]
+    lines = [f"Evaluation against chance (a constant guess): a metric is learned when value >= {rule}",
+             f"{'task':<24} {'metric':<22} {'value':>8} {'chance':>8} {'needs':>8}  learned"]
     for task in tasks:
         if task.validation is None:
             continue
@@ -114,14 +122,21 @@ def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str 
             value = metrics.get(f"{prefix}_{task.name}_{name}")
             if value is None:
                 continue
-            learned = value >= level + LEARNED_MARGIN
-            rows[name] = {"value": value, "chance": level, "learned": learned}
-            lines.append(f"{task.name:<24} {name:<22} {value:>8.4f} {level:>8.4f}  {'yes' if learned else 'NO'}")
+            needs = level + LEARNED_MARGIN
+            rows[name] = {"value": value, "chance": level, "needs": needs, "learned": value >= needs}
+            lines.append(f"{task.name:<24} {name:<22} {value:>8.4f} {level:>8.4f} {needs:>8.4f}  "
+                         f"{'yes' if value >= needs else 'NO'}")
         report[task.name] = rows
-    logger.info("Evaluation against chance (a constant guess):\n%s", "\n".join(lines))
-    everything = all(r["learned"] for rows in report.values() for r in rows.values())
-    logger.info("All tasks learned: every metric is above chance." if everything and report
-                else "Not every task is above chance yet: train longer or check the data.")
+    logger.info("\n".join(lines))
+    short = [f"{task} {name} {row['value']:.4f}, needs {row['needs']:.4f}"
+             for task, rows in report.items() for name, row in rows.items() if not row["learned"]]
+    if not report:
+        logger.info("No task has a validation split: nothing to compare with chance.")
+    elif short:
+        logger.info("Not every task learned: %d metric%s below %s (%s); train longer or check the data.",
+                    len(short), "" if len(short) == 1 else "s", rule, "; ".join(short))
+    else:
+        logger.info("All tasks learned: every metric >= %s.", rule)
     return report
 
 
@@ -209,6 +224,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             plan = _shared_resume_plan(cfg, store, trainer, identity)
             if plan.finished is not None:
                 return _already_finished(cfg, store, plan.finished, trainer)
+            if args.process_index == 0:  # one table per job, not one per rank
+                logger.info(sampling_plan(trainer.tasks, trainer.make_batch_sampler(), args.gradient_accumulation_steps))
 
             sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), identity=identity, keep=cfg.save_total_limit,
                                   guard=lease.check if lease else None, writer=lease.owner.id if lease else None)

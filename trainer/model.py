@@ -61,10 +61,15 @@ class MultitaskModel(nn.Module):
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
         self.heads = nn.ModuleDict({s.name: self._make_head(s) for s in specs})
+        self._ran_parameters: dict[str, int] = {}  # per task, for `floating_point_ops` (every step)
 
     @property
     def config(self):
         return self.encoder.config
+
+    @property
+    def main_input_name(self) -> str:
+        return self.encoder.main_input_name
 
     def _make_head(self, spec: TaskSpec) -> nn.Module:
         try:
@@ -98,6 +103,25 @@ class MultitaskModel(nn.Module):
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
         out = self.heads[task](**inputs, return_dict=True)
         return type(out)(loss=out.loss, logits=out.logits)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """Floating-point operations of a forward and backward pass over one batch, counted as the
+        `Trainer` counts them for a single model: 6 × input tokens × non-embedding parameters, of
+        the parts that ran: the shared encoder and the batch's task head (the other heads did not).
+
+        Returns 0 for a batch without the main input (`input_ids`), as the `Trainer` does.
+
+        Raises:
+            KeyError: the batch has no `task`, or one this model lacks.
+        """
+        ids = inputs.get(self.main_input_name)
+        if ids is None:
+            return 0
+        task = inputs["task"]
+        if task not in self._ran_parameters:
+            self._ran_parameters[task] = (self.encoder.num_parameters(exclude_embeddings=True)
+                                          + self.heads[task].num_parameters(exclude_embeddings=True))
+        return 6 * ids.numel() * self._ran_parameters[task]
 
     # ---------------------------------------------------------------- saving and loading
     def describe(self) -> dict:

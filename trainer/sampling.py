@@ -118,6 +118,9 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(int).tolist()
         self.strategy = strategy
         self.probabilities = mixing_weights(sizes, strategy, temperature=temperature, cap=cap, weights=weights)
+        # The knobs that shape this strategy's mix (the others are ignored by it), for `describe`.
+        self.settings = ({"temperature": temperature, "cap": cap} if strategy == "temperature" else
+                         {"weights": list(weights)} if strategy == "weights" else {})
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.lengths = [np.asarray(x) for x in lengths] if lengths is not None else None
         self.group_by_length = group_by_length and lengths is not None
@@ -190,6 +193,17 @@ class MultitaskBatchSampler(Sampler[list[int]]):
         if self.strategy == "proportional":
             return [self.batches_per_pass(t) for t in range(len(self.sizes))]
         return apportion(len(self), self.probabilities)
+
+    def describe(self) -> dict:
+        """The plan of an epoch (the same every epoch), on each rank: the strategy and its `settings`;
+        `steps`, the batches of an epoch; per task (`tasks`, in order) its `examples`, `batch_size`,
+        `batches_per_pass` over its data, `steps` of the epoch, their `share` of the epoch and the
+        `passes` over its data they make (above 1: the task repeats within the epoch)."""
+        steps, counts = len(self), self.steps_per_task()
+        tasks = [{"examples": self.sizes[t], "batch_size": self.batch_sizes[t], "batches_per_pass": self.batches_per_pass(t),
+                  "steps": counts[t], "share": counts[t] / steps, "passes": counts[t] / self.batches_per_pass(t)}
+                 for t in range(len(self.sizes))]
+        return {"strategy": self.strategy, "settings": dict(self.settings), "steps": steps, "tasks": tasks}
 
     def schedule(self) -> list[int]:
         """Task id of every step of the current epoch (the same on every rank)."""

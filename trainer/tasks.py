@@ -78,6 +78,7 @@ class TaskSpec:
 
     @property
     def primary_metric(self) -> str:
+        """The first listed metric: the task's one number in the macro average that picks the best checkpoint."""
         return self.metrics[0]
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """The Hugging Face `Trainer`, extended only where several tasks need it.
 
 `MultitaskTrainer` overrides the training data loader (one task per batch, from
-`MultitaskBatchSampler`), evaluation (each task on its own data and metrics, plus their macro
-average) and saving (the checkpoint describes its tasks). The training loop, optimizer,
-schedulers, mixed precision, logging, checkpoint rotation and resumption are `Trainer`'s own.
+`MultitaskBatchSampler`), the training step and log (each task's loss beside the mean one) and
+the FLOP count (the encoder and the batch's head), evaluation (each task on its own data and
+metrics, with a progress bar of its own, plus their macro average) and saving (the checkpoint
+describes its tasks). The training loop, optimizer, schedulers, mixed precision, the log's
+destinations, checkpoint rotation and resumption are `Trainer`'s own.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length, speed_metrics
 
 from . import metrics as metric_fns
 from .config import Config, ConfigError
@@ -73,6 +77,32 @@ def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]
     )
 
 
+def sampling_plan(tasks: list[TaskData], sampler: MultitaskBatchSampler, gradient_accumulation_steps: int) -> str:
+    """The table `train` logs before training: the strategy and its settings, the epoch, and per
+    task its type, split sizes, batch size, batches of an epoch, their share and the passes over the
+    task's data they make; from `sampler.describe()`, so it is what the sampler yields."""
+    plan = sampler.describe()
+    settings = plan["settings"]
+    if plan["strategy"] == "temperature":
+        knobs = f" (SAMPLING_TEMPERATURE={settings['temperature']:g}, SAMPLING_CAP={'none' if settings['cap'] is None else settings['cap']})"
+    elif plan["strategy"] == "weights":
+        knobs = " (TASK_WEIGHTS=" + ",".join(f"{t.name}={w:g}" for t, w in zip(tasks, settings["weights"])) + ")"
+    else:
+        knobs = ""
+    steps = plan["steps"]
+    optimizer_steps = steps // gradient_accumulation_steps + int(steps % gradient_accumulation_steps > 0)  # as the Trainer counts
+    processes = sampler.num_replicas
+    lines = [f"Sampling plan: SAMPLING={plan['strategy']}{knobs}; an epoch is {steps} batches on each of {processes} "
+             f"process{'es' if processes > 1 else ''}, {optimizer_steps} optimizer steps",
+             f"{'task':<24} {'type':<20} {'train':>7} {'validation':>10} {'batch':>5} {'batches/epoch':>13} "
+             f"{'share':>6} {'passes/epoch':>12}"]
+    for task, row in zip(tasks, plan["tasks"]):
+        validation = len(task.validation) if task.validation is not None else "-"
+        lines.append(f"{task.name:<24} {task.spec.type:<20} {row['examples']:>7} {validation:>10} {row['batch_size']:>5} "
+                     f"{row['steps']:>13} {100 * row['share']:>5.1f}% {row['passes']:>12.2f}")
+    return "\n".join(lines)
+
+
 def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
 
@@ -118,6 +148,37 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
     )
 
 
+class TaskProgressCallback(ProgressCallback):
+    """The `Trainer`'s progress bars, with one evaluation bar per task: named by its loader's
+    `description` (`Evaluation <task>`) and counting to that task's number of batches.
+
+    The `Trainer`'s own callback makes one bar for the first loader of an evaluation, with that
+    loader's length, and closes it only when the whole evaluation ends: every later task's batches
+    ran past its total, which tqdm then shows as a bare count (`113it`).
+    """
+
+    def __init__(self, max_str_len: int = 100):
+        super().__init__(max_str_len)
+        self._bar_loader = None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero or not has_length(eval_dataloader):
+            return
+        if self.prediction_bar is not None and self._bar_loader is not eval_dataloader:
+            self._close_bar()
+        if self.prediction_bar is None:
+            self._bar_loader = eval_dataloader
+            self.prediction_bar = tqdm(total=len(eval_dataloader), desc=getattr(eval_dataloader, "description", None),
+                                       leave=self.training_bar is None, dynamic_ncols=True)
+        self.prediction_bar.update(1)
+        if self.prediction_bar.n >= self.prediction_bar.total:
+            self._close_bar()  # the task is done; `predict` never reaches `on_predict`, which closes it
+
+    def _close_bar(self) -> None:
+        self.prediction_bar.close()
+        self.prediction_bar, self._bar_loader = None, None
+
+
 class EpochAwareLoader(DataLoader):
     """A DataLoader whose `set_epoch` reaches the multitask batch sampler.
 
@@ -147,6 +208,16 @@ class MultitaskTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # Heads compute their own mean loss; never let Trainer rescale by a token count.
         self.model_accepts_loss_kwargs = False
+        # Each task's training loss since the last log: sums of the steps' losses, on the device
+        # (adding to them syncs nothing), and on the host the optimizer steps they stand for (the
+        # same on every rank: all ranks train the same task at each step). Reduced in `log`.
+        self._task_index = {t.name: i for i, t in enumerate(tasks)}
+        self._task_loss_sums: torch.Tensor | None = None
+        self._task_loss_steps = [0.0] * len(tasks)
+        callbacks = self.callback_handler.callbacks
+        for i, callback in enumerate(callbacks):
+            if type(callback) is ProgressCallback:  # in its place: the order of callbacks is kept
+                callbacks[i] = TaskProgressCallback()
 
     # ---------------------------------------------------------------- training data
     def make_batch_sampler(self) -> MultitaskBatchSampler:
@@ -191,7 +262,8 @@ class MultitaskTrainer(Trainer):
         return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it.
+        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it, and adding
+        the loss to its task's (see `log`).
 
         Raises:
             NonFiniteLoss: on every rank when any rank's loss is NaN or infinite.
@@ -207,7 +279,63 @@ class MultitaskTrainer(Trainer):
             raise NonFiniteLoss(
                 f"task {task!r} gave a non-finite training loss ({float(loss):g}) at step {self.state.global_step + 1}: "
                 "check its labels and inputs, lower LEARNING_RATE or MAX_GRAD_NORM, or use PRECISION=fp32")
+        self._add_task_loss(task, loss)
         return loss
+
+    def _add_task_loss(self, task: str, loss: torch.Tensor) -> None:
+        # The Trainer logs sum(returned losses) / optimizer steps, and a returned loss is its batch's
+        # mean loss divided by the batches of its optimizer step; each task's loss is then
+        # sum(its returned losses) / sum(1 / batches of their steps): its batches' mean loss, and
+        # the tasks' losses weighted by their steps average to the Trainer's.
+        if self._task_loss_sums is None:
+            self._task_loss_sums = torch.zeros(len(self.tasks), dtype=torch.float32, device=loss.device)
+        i = self._task_index[task]
+        self._task_loss_sums[i] += loss.detach()
+        batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._task_loss_steps[i] += 1 / batches
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with `loss_<task>` after a training log's `loss`: each task's mean
+        training loss since the previous log, averaged over ranks like `loss`, for every task that
+        trained in between. Every log consumer (console, TensorBoard and the other trackers, the
+        log history) gets them in the same entry.
+
+        A training log reduces the sums over ranks: the Trainer logs `loss` on every rank.
+        """
+        if "loss" in logs:
+            task_losses, merged = self._task_losses(), {}
+            for key, value in logs.items():
+                merged[key] = value
+                if key == "loss":
+                    merged.update(task_losses)
+            logs = merged
+        elif "train_loss" in logs:  # the end of training: batches after the last log count in no later run
+            self._reset_task_losses()
+        super().log(logs, start_time)
+
+    def _task_losses(self) -> dict[str, float]:
+        if self._task_loss_sums is None:
+            return {}
+        sums = self._task_loss_sums
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            sums = sums.clone()
+            torch.distributed.all_reduce(sums)
+            sums /= self.args.world_size
+        values = sums.tolist()  # the one copy to the host, at logging time
+        losses = {f"loss_{t.name}": values[i] / steps for i, (t, steps) in enumerate(zip(self.tasks, self._task_loss_steps))
+                  if steps > 0}
+        self._reset_task_losses()
+        return losses
+
+    def _reset_task_losses(self) -> None:
+        if self._task_loss_sums is not None:
+            self._task_loss_sums.zero_()
+        self._task_loss_steps = [0.0] * len(self.tasks)
+
+    def floating_point_ops(self, inputs) -> int:
+        """The model's own count (`MultitaskModel.floating_point_ops`): the encoder and the batch's
+        head, not every head (the `Trainer` asks a model for `num_parameters`, which ours has not)."""
+        return self.accelerator.unwrap_model(self.model).floating_point_ops(inputs)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -221,8 +349,9 @@ class MultitaskTrainer(Trainer):
         )
 
     # ---------------------------------------------------------------- evaluation
-    def task_dataloader(self, task: TaskData, dataset) -> DataLoader:
-        """Sequential loader over one task's data, sharded across ranks by accelerate."""
+    def task_dataloader(self, task: TaskData, dataset, description: str | None = None) -> DataLoader:
+        """Sequential loader over one task's data, sharded across ranks by accelerate; `description`
+        names its progress bar (`TaskProgressCallback`)."""
         collate = MultitaskCollator([task.name], [task.collator])
         loader = DataLoader(
             _Tagged(dataset),
@@ -231,19 +360,24 @@ class MultitaskTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        return self.accelerator.prepare(loader)
+        loader = self.accelerator.prepare(loader)
+        loader.description = description
+        return loader
 
     def predict_task(self, task: TaskData, dataset, *, metric_key_prefix: str = "test"):
         """Run `task`'s head over `dataset`; returns transformers' `EvalLoopOutput`."""
+        description = f"Prediction {task.name}"
         return self.evaluation_loop(
-            self.task_dataloader(task, dataset),
-            description=f"Prediction {task.name}",
+            self.task_dataloader(task, dataset, description),
+            description=description,
             prediction_loss_only=False,
             metric_key_prefix=f"{metric_key_prefix}_{task.name}",
         )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` and `<prefix>_macro_avg`."""
+        """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` for every metric
+        and `<prefix>_macro_avg`, the mean over the tasks of each one's primary (first listed) metric,
+        which picks the best checkpoint."""
         self._memory_tracker.start()
         start = time.time()
         results: dict[str, float] = {}
@@ -251,9 +385,10 @@ class MultitaskTrainer(Trainer):
         for task in self.tasks:
             if task.validation is None:
                 continue
+            description = f"Evaluation {task.name}"
             output = self.evaluation_loop(
-                self.task_dataloader(task, task.validation),
-                description=f"Evaluation {task.name}",
+                self.task_dataloader(task, task.validation, description),
+                description=description,
                 prediction_loss_only=False,
                 ignore_keys=ignore_keys,
                 metric_key_prefix=f"{metric_key_prefix}_{task.name}",
@@ -263,7 +398,9 @@ class MultitaskTrainer(Trainer):
             task_scores = score_task(task.spec, output.predictions, output.label_ids)
             for name, value in task_scores.items():
                 results[f"{metric_key_prefix}_{task.name}_{name}"] = value
-            scores.append(float(np.mean([task_scores[m] for m in task.spec.metrics])))
+            # One number per task: a task listing two metrics (STS-B's pearson and spearmanr) would
+            # otherwise weigh its own second opinion as much as another task.
+            scores.append(task_scores[task.spec.primary_metric])
         if scores:
             results[f"{metric_key_prefix}_{MACRO_METRIC}"] = float(np.mean(scores))
         results.update(speed_metrics(metric_key_prefix, start, num_samples=n_samples))
