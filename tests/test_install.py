@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,15 +74,33 @@ def test_the_installed_command_trains_the_demo_outside_the_checkout(demo_folder)
     assert json.loads((run / "metrics.json").read_text())["run"] == "demo"
 
 
-def test_the_installed_command_predicts_with_the_demo_it_trained(demo_folder):
+# Neither --demo nor TASKS, TASKS_FILE or RUN_NAME again: the run is the one committed last in
+# OUTPUT_DIR, its tasks and MAX_SEQ_LENGTH (64, the demo model's, not the default 128) its own.
+FOUND = "has no run roberta-base-stsb-rte-commonsense_qa (the name from MODEL_NAME and TASKS): using run demo, committed last"
+
+
+def test_the_installed_command_predicts_with_the_run_it_trained_without_repeating_its_settings(demo_folder):
     (demo_folder.path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    done = run_installed("predict", "--demo", "--task=demo_entailment", "--input=pairs.jsonl", cwd=demo_folder.path)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    done = run_installed("predict", "--task=demo_entailment", "--input=pairs.jsonl", cwd=demo_folder.path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert f"RUN_NAME is not set and outputs {FOUND}" in log
     rows = [json.loads(line) for line in (demo_folder.path / "pairs.demo_entailment.predictions.jsonl").read_text().splitlines()]
     assert len(rows) == len(PAIRS)
     for row in rows:
         assert row["label"] in ("entailment", "not_entailment") and row["index"] in (0, 1)
         assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_the_installed_command_evaluates_the_run_it_trained_without_repeating_its_settings(demo_folder):
+    done = run_installed("evaluate", cwd=demo_folder.path)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert f"RUN_NAME is not set and outputs {FOUND}" in log
+    final = Path("outputs") / "demo" / "final"
+    [macro] = re.findall(rf"^.* INFO trainer: {re.escape(str(final))}: macro_avg = (\S+)$", done.stdout, re.M)
+    at_train_end = json.loads((demo_folder.path / final / "metrics.json").read_text())["eval"]["eval_macro_avg"]
+    assert float(macro) == pytest.approx(at_train_end, abs=1e-6)  # the same data, truncation and weights
 
 
 # ---------------------------------------------------------------------- a non-editable install
