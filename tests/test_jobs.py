@@ -100,6 +100,7 @@ def test_commands_reading_a_run_stop_with_one_line_when_there_is_none(cli, comma
     assert code == 2
     setting = "CHECKPOINT_URI" if command[0] == "pull" else "OUTPUT_DIR"
     where = LocalStore("outputs").uri() if command[0] == "pull" else "outputs"
+    elsewhere = "" if command[0] == "pull" else ", pass --checkpoint=PATH, or `python -m trainer pull` one from CHECKPOINT_URI"
     assert err == (f"error: no committed run in {where} (there is none): train one first (`multitask-trainer train`), "
-                   f"or set {setting} to where your runs are\n")
+                   f"or set {setting} to where your runs are{elsewhere}\n")
     assert not Path("outputs").exists()  # nothing is created looking for it

@@ -407,12 +407,12 @@ def _runs_there(runs: list) -> str:
     return "runs there: " + ", ".join(names) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
 
 
-def find_run(cfg: Config, store, where: str, setting: str) -> str:
+def find_run(cfg: Config, store, where: str, setting: str, elsewhere: str = "") -> str:
     """The run a command reads from `store` (OUTPUT_DIR's runs, or CHECKPOINT_URI's for `pull`):
     RUN_NAME when set; else the default name (from MODEL_NAME and TASKS) when the store has a run
     of that name; else the run committed last, which the log names with the others there. So
     `train --tasks=a,b` then `evaluate` finds that run without the flags. `setting` is where the
-    runs are looked for, named in the fix.
+    runs are looked for, named in the fix; `elsewhere`, another way to the run, ends the fix.
 
     Raises:
         TaskError: RUN_NAME names no run there, or RUN_NAME is not set and nothing there is
@@ -428,7 +428,8 @@ def find_run(cfg: Config, store, where: str, setting: str) -> str:
         if has_run(cfg.run_name):
             return cfg.run_name
         raise TaskError(f"RUN_NAME={cfg.run_name!r}: no such run in {where} ({_runs_there(list_runs(store))}); "
-                        f"set RUN_NAME to one of them (unset: the run committed last), or {setting} to where the run is")
+                        f"set RUN_NAME to one of them (unset: the run committed last), or {setting} to where the run is"
+                        f"{elsewhere}")
     default = cfg.resolved_run_name
     if has_run(default):
         return default
@@ -436,7 +437,7 @@ def find_run(cfg: Config, store, where: str, setting: str) -> str:
     committed = [r for r in runs if r.committed is not None]
     if not committed:
         raise TaskError(f"no committed run in {where} ({_runs_there(runs)}): train one first "
-                        f"(`multitask-trainer train`), or set {setting} to where your runs are")
+                        f"(`multitask-trainer train`), or set {setting} to where your runs are{elsewhere}")
     chosen, others = committed[0], committed[1:]
     when = chosen.committed.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     also = (f"; also there: {', '.join(r.name for r in others[:6])}{' and more' if len(others) > 6 else ''} "
@@ -530,8 +531,9 @@ def _load_saved(cfg: Config, checkpoint: str | None):
 
     run_dir = None
     if not checkpoint:
-        run_dir = Path(cfg.output_dir) / find_run(cfg, LocalStore(cfg.output_dir, setting="OUTPUT_DIR"), cfg.output_dir,
-                                                  "OUTPUT_DIR")
+        run = find_run(cfg, LocalStore(cfg.output_dir, setting="OUTPUT_DIR"), cfg.output_dir, "OUTPUT_DIR",
+                       elsewhere=", pass --checkpoint=PATH, or `python -m trainer pull` one from CHECKPOINT_URI")
+        run_dir = Path(cfg.output_dir) / run
     path = find_checkpoint(cfg, checkpoint, run_dir)
     model = MultitaskModel.from_checkpoint(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
