@@ -22,13 +22,20 @@ $(VENV)/.runtime: requirements.txt requirements-cloud.txt constraints.txt
 	$(PIP) -c constraints.txt -r requirements.txt -r requirements-cloud.txt
 	touch $@
 
+# The trainer itself, with its `multitask-trainer` command: editable, so the command runs the
+# checkout's code as edited (again only when pyproject.toml changes), and without dependencies,
+# which the pinned requirements above installed: pip resolves nothing, torch stays at its pin.
+$(VENV)/.package: $(VENV)/.runtime pyproject.toml
+	$(PIP) -c constraints.txt --no-deps -e .
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) -c constraints.txt -r requirements-dev.txt
 	touch $@
 
-venv: $(VENV)/.runtime ## create the virtualenv with the runtime requirements
+venv: $(VENV)/.package ## create the virtualenv: the runtime requirements and the trainer (`multitask-trainer`)
 
-venv-dev: $(VENV)/.dev ## the virtualenv plus test and lint tools
+venv-dev: $(VENV)/.package $(VENV)/.dev ## the virtualenv plus test and lint tools
 
 run-local: venv ## train on this machine: the .env job, or the built-in offline demo when there is no .env
 ifeq ($(HAS_ENV),)

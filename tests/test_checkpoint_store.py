@@ -26,11 +26,13 @@ from trainer.checkpoint_store import (
     NotCommitted,
     checkpoint_prefix,
     commit_checkpoint,
+    commit_final,
     download_checkpoint,
     install_local,
     latest_valid_checkpoint,
     list_checkpoints,
     list_incomplete,
+    list_runs,
     prune_checkpoints,
     verify_checkpoint,
     verify_local,
@@ -161,6 +163,23 @@ def test_commit_round_trip(store, tmp_path):
     assert {k: v for k, v in tree(dest).items() if k != MANIFEST_NAME} == FILES
     assert verify_local(dest).files == manifest.files  # the copy carries its manifest: verifiable offline
     assert sorted(p.name for p in dest.parent.iterdir()) == ["checkpoint-100"]
+
+
+def test_list_runs_puts_the_run_committed_last_first(store, tmp_path):
+    commit(store, tmp_path, 1, run="first")
+    time.sleep(0.01)  # commit times a clock of coarse resolution still tells apart
+    commit_final(store, make_dir(tmp_path / "final"), "second", 5, metadata={})
+    for rel, data in FILES.items():  # a run that crashed before its first commit
+        store.write_bytes(f"crashed/checkpoint-3/{rel}", data)
+    store.write_bytes("notes.txt", b"an object beside the runs is no run")
+    assert [(r.name, r.committed is not None) for r in list_runs(store)] == [("second", True), ("first", True), ("crashed", False)]
+
+    time.sleep(0.01)
+    commit(store, tmp_path, 2, run="first")
+    runs = list_runs(store)
+    assert [r.name for r in runs] == ["first", "second", "crashed"]
+    assert runs[0].committed == store.info(f"first/checkpoint-2/{MANIFEST_NAME}").updated
+    assert list_runs(open_store(str(tmp_path / "nothing-here"))) == []
 
 
 def test_download_only_a_subset_and_replace_existing(store, tmp_path):

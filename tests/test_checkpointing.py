@@ -257,8 +257,11 @@ def test_pull_lists_and_downloads_into_a_users_folder_without_touching_its_files
     here = tmp_path / "cwd"
     here.mkdir()
     (here / "keep.txt").write_text("x")
-    latest = run_cli("pull", "--dest=.", *args, cwd=here)
+    # Without RUN_NAME (nor the settings whose default name it would be): the run committed last in the bucket.
+    latest = run_cli("pull", "--dest=.", f"--checkpoint_uri={uri}", cwd=here, env=CLI_ENV)
     assert latest.returncode == 0, latest.stderr[-2000:]
+    assert f"RUN_NAME is not set and {uri} has no run roberta-base-stsb-rte-commonsense_qa" in latest.stdout
+    assert f"using run {RUN}, committed last" in latest.stdout
     assert (here / "keep.txt").read_text() == "x"
     assert json.loads((here / "trainer_state.json").read_text())["global_step"] == 8
     cs.verify_local(here)  # the pulled copy carries its manifest

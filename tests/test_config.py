@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from trainer.config import Config, ConfigError, describe_settings, load_config
+from trainer.config import FIELDS, Config, ConfigError, describe_settings, load_config
 
 
 def test_defaults_are_the_seed_job():
@@ -111,6 +111,16 @@ def test_an_empty_value_means_not_set_for_every_setting_and_source(tmp_path):
     empty = {name: "" for name in Config.__dataclass_fields__}
     cfg = load_config(empty, environ={name.upper(): " " for name in empty}, env_file=env_file)
     assert cfg == Config()
+
+
+def test_the_config_records_which_settings_a_source_set(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("LEARNING_RATE=1e-4\nSEED=\n")
+    cfg = load_config({"max_steps": "5", "run_name": ""}, environ={"SPOT": "true"}, env_file=env_file)
+    assert {name for name in FIELDS if cfg.is_set(name)} == {"learning_rate", "max_steps", "spot"}  # empty: not set
+    demo = load_config({}, environ={}, env_file="", demo=True)
+    assert demo.is_set("max_seq_length") and demo.is_set("tasks_file") and not demo.is_set("max_steps")
+    assert all(Config().is_set(name) for name in FIELDS)  # built in code: nothing is a default by omission
 
 
 def test_an_empty_value_leaves_the_next_source_in_charge(tmp_path):

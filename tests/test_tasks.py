@@ -47,6 +47,17 @@ tasks:
     assert specs["ner"].batch_size == 8 and specs["ner"].metrics == ("accuracy",)
 
 
+def test_relative_file_paths_are_kept_absolute_whatever_the_working_folder(tmp_path, monkeypatch):
+    # A trained model keeps its declarations (multitask.json): `evaluate` reads the validation
+    # files from them, maybe in another folder than the one `train` ran in.
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "tasks.json").write_text(json.dumps([
+        {"name": "t", "type": "classification", "files": {"train": "data/train.csv", "validation": "../dev.csv"}}]))
+    monkeypatch.chdir(tmp_path)
+    spec = read_tasks_file("project/tasks.json")["t"]
+    assert spec.files == {"train": str(tmp_path / "project" / "data" / "train.csv"), "validation": str(tmp_path / "dev.csv")}
+
+
 def test_resolve_tasks_keeps_order_and_prefers_the_file(tmp_path):
     path = tmp_path / "tasks.json"
     path.write_text(json.dumps([{"name": "rte", "preset": "rte", "files": {"train": "t.tsv"}}]))

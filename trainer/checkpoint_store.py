@@ -416,6 +416,34 @@ def _scan(store: Store, run: str) -> tuple[list[Manifest], list[int]]:
     return committed, incomplete
 
 
+_COMMITTED_MANIFEST = re.compile(rf"^[^/]+/(?:{FINAL_FOLDER}|checkpoint-(?:0|[1-9][0-9]*))/{re.escape(MANIFEST_NAME)}$")
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run folder of a store, and when its newest checkpoint or final model was committed."""
+
+    name: str
+    committed: dt.datetime | None  # the store's time of that MANIFEST.json; None: nothing committed
+
+
+def list_runs(store: Store) -> list[StoredRun]:
+    """Every run folder at the top of the store: those with a committed checkpoint or final model
+    first, the one committed last first, then the others by name. One listing of the store,
+    no manifest read (a manifest that does not parse still counts here). Raises StorageError."""
+    runs: dict[str, dt.datetime | None] = {}
+    for obj in store.list("", checksums=False):
+        run, slash, _ = obj.key.partition("/")
+        if not slash or run.startswith("."):  # an object beside the runs, a hidden folder
+            continue
+        newest = runs.setdefault(run, None)
+        if _COMMITTED_MANIFEST.match(obj.key) and (newest is None or obj.updated > newest):
+            runs[run] = obj.updated
+    committed = sorted((StoredRun(n, t) for n, t in runs.items() if t is not None), key=lambda r: (r.committed, r.name),
+                       reverse=True)
+    return committed + [StoredRun(n, None) for n in sorted(runs) if runs[n] is None]
+
+
 def list_checkpoints(store: Store, run: str) -> list[Manifest]:
     """Committed checkpoints of ``run`` (manifest present and parsing), oldest first.
 

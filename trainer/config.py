@@ -82,7 +82,8 @@ class Config:
 
     # --- training ---
     output_dir: str = _setting("outputs", "local folder for checkpoints, exports and metrics.json", "training")
-    run_name: str | None = _setting(None, "name of this run (default: model and task names); outputs go to OUTPUT_DIR/RUN_NAME", "training")
+    run_name: str | None = _setting(None, "name of this run (default: model and task names; for evaluate, predict, export and pull, "
+                                      "else the run committed last); outputs go to OUTPUT_DIR/RUN_NAME", "training")
     learning_rate: float = _setting(2e-5, "peak learning rate", "training")
     num_train_epochs: float = _setting(3.0, "epochs over the mixed task data (ignored when MAX_STEPS > 0)", "training")
     max_steps: int = _setting(-1, "total optimizer steps; -1 trains NUM_TRAIN_EPOCHS", "training")
@@ -132,7 +133,17 @@ class Config:
     vertex_api_endpoint: str | None = _setting(None, "Vertex AI API endpoint override (default: REGION-aiplatform.googleapis.com)", "cloud")
     boot_disk_size_gb: int = _setting(100, "boot disk size of each node in GB", "cloud")
 
+    # Not a setting (no annotation, so no dataclass field): the names of the settings that some
+    # source (a flag, the environment, the env file, the demo preset) set, a frozenset that
+    # `load_config` records on the instance; None for a Config built in code, where every value
+    # counts as set. Commands that read a saved run use the run's value of a setting nobody set.
+    given = None
+
     # ------------------------------------------------------------------ derived values
+    def is_set(self, name: str) -> bool:
+        """Whether a source set the setting `name` (rather than its default applying)."""
+        return self.given is None or name in self.given
+
     @property
     def resolved_run_name(self) -> str:
         """The run's name: RUN_NAME, else ``<model basename>-<task>-<task>…``."""
@@ -396,6 +407,7 @@ def load_config(
         given(name, value)
     cfg = Config(**{name: _parse(name, value) for name, value in layers.items()})
     validate(cfg)
+    cfg.given = frozenset(layers)
     return cfg
 
 

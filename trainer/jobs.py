@@ -5,6 +5,7 @@ config → logging → seed → tasks and data → tokenizer → model → Train
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
@@ -416,10 +417,58 @@ def _committed_folders(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / "final", *steps) if (p / MANIFEST_NAME).is_file()]
 
 
-def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
-    """The committed model folder to use: `checkpoint`, else the run's final model, else its
-    newest committed checkpoint. Only a folder whose MANIFEST.json lists every file with its size
-    and checksum counts: a folder a crash or a full disk left half-written is refused.
+def _runs_there(runs: list) -> str:
+    if not runs:
+        return "there is none"
+    names = [r.name + ("" if r.committed else " (nothing committed)") for r in runs[:6]]
+    return "runs there: " + ", ".join(names) + (f" and {len(runs) - 6} more" if len(runs) > 6 else "")
+
+
+def find_run(cfg: Config, store, where: str, setting: str, elsewhere: str = "") -> str:
+    """The run a command reads from `store` (OUTPUT_DIR's runs, or CHECKPOINT_URI's for `pull`):
+    RUN_NAME when set; else the default name (from MODEL_NAME and TASKS) when the store has a run
+    of that name; else the run committed last, which the log names with the others there. So
+    `train --tasks=a,b` then `evaluate` finds that run without the flags. `setting` is where the
+    runs are looked for, named in the fix; `elsewhere`, another way to the run, ends the fix.
+
+    Raises:
+        TaskError: RUN_NAME names no run there, or RUN_NAME is not set and nothing there is
+            committed; the line lists the runs there and the fix.
+        StorageError: the store cannot be listed.
+    """
+    from .checkpoint_store import list_runs
+
+    def has_run(name: str) -> bool:  # one run's objects, not the whole store's
+        return bool(store.list(f"{name}/", checksums=False))
+
+    if cfg.run_name:
+        if has_run(cfg.run_name):
+            return cfg.run_name
+        raise TaskError(f"RUN_NAME={cfg.run_name!r}: no such run in {where} ({_runs_there(list_runs(store))}); "
+                        f"set RUN_NAME to one of them (unset: the run committed last), or {setting} to where the run is"
+                        f"{elsewhere}")
+    default = cfg.resolved_run_name
+    if has_run(default):
+        return default
+    runs = list_runs(store)
+    committed = [r for r in runs if r.committed is not None]
+    if not committed:
+        raise TaskError(f"no committed run in {where} ({_runs_there(runs)}): train one first "
+                        f"(`multitask-trainer train`), or set {setting} to where your runs are{elsewhere}")
+    chosen, others = committed[0], committed[1:]
+    when = chosen.committed.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    also = (f"; also there: {', '.join(r.name for r in others[:6])}{' and more' if len(others) > 6 else ''} "
+            "(set RUN_NAME to use another)") if others else ""
+    logger.info("RUN_NAME is not set and %s has no run %s (the name from MODEL_NAME and TASKS): using run %s, "
+                "committed last (%s)%s", where, default, chosen.name, when, also)
+    return chosen.name
+
+
+def find_checkpoint(cfg: Config, checkpoint: str | None, run_dir: Path | None = None) -> Path:
+    """The committed model folder to use: `checkpoint`, else the final model of the run in
+    `run_dir` (default: RUN_NAME's folder), else its newest committed checkpoint. Only a folder
+    whose MANIFEST.json lists every file with its size and checksum counts: a folder a crash or
+    a full disk left half-written is refused.
 
     Raises:
         TaskError: the folder is not a committed model, or nothing committed is found (with the
@@ -427,9 +476,11 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
     """
     from .checkpoint_store import verify_local
 
+    run_dir = cfg.run_dir if run_dir is None else run_dir
+
     def alternatives(exclude: Path | None = None) -> str:
-        found = [str(p) for p in _committed_folders(cfg.run_dir) if exclude is None or p.resolve() != exclude.resolve()]
-        listed = f"committed here: {', '.join(found[:4])}" if found else f"nothing committed in {cfg.run_dir}"
+        found = [str(p) for p in _committed_folders(run_dir) if exclude is None or p.resolve() != exclude.resolve()]
+        listed = f"committed here: {', '.join(found[:4])}" if found else f"nothing committed in {run_dir}"
         return f"{listed}; or `python -m trainer pull` one from CHECKPOINT_URI"
 
     if checkpoint:
@@ -443,7 +494,7 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
                             f"{alternatives(path)}")
         return path
     problems = []
-    for path in _committed_folders(cfg.run_dir):
+    for path in _committed_folders(run_dir):
         try:
             verify_local(path)
         except StorageError as e:
@@ -452,11 +503,11 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
         if (path / MULTITASK_FILE).is_file():
             return path
     if problems:
-        raise TaskError(f"no intact committed model in {cfg.run_dir}: {problems[0]}; "
+        raise TaskError(f"no intact committed model in {run_dir}: {problems[0]}; "
                         "`python -m trainer pull` one from CHECKPOINT_URI")
-    leftovers = [p.name for p in (cfg.run_dir / "final", *cfg.run_dir.glob("checkpoint-*")) if p.is_dir()]
+    leftovers = [p.name for p in (run_dir / "final", *run_dir.glob("checkpoint-*")) if p.is_dir()]
     hint = f" ({', '.join(leftovers)} never committed)" if leftovers else ""
-    raise TaskError(f"no committed model in {cfg.run_dir}{hint}: train first, pass --checkpoint=PATH, or "
+    raise TaskError(f"no committed model in {run_dir}{hint}: train first, pass --checkpoint=PATH, or "
                     "`python -m trainer pull` one from CHECKPOINT_URI")
 
 
@@ -468,21 +519,57 @@ def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], toke
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer, train_dataset=None)
 
 
+def _as_trained(cfg: Config, folder: Path) -> Config:
+    """`cfg` with the run's own MAX_SEQ_LENGTH (from the folder's manifest) when no source set one,
+    so that inputs are truncated as in training: the demo's model, for one, takes 64 tokens, fewer
+    than the default 128."""
+    from .checkpoint_store import read_local_manifest
+
+    if cfg.is_set("max_seq_length"):
+        return cfg
+    identity = read_local_manifest(folder).metadata.get("identity")
+    saved = str(identity.get("settings", {}).get("MAX_SEQ_LENGTH", "")) if isinstance(identity, dict) else ""
+    if not saved.isdigit() or int(saved) == cfg.max_seq_length:
+        return cfg
+    logger.info("MAX_SEQ_LENGTH=%s, as the run was trained (set MAX_SEQ_LENGTH for another)", saved)
+    return dataclasses.replace(cfg, max_seq_length=int(saved))
+
+
 def _load_saved(cfg: Config, checkpoint: str | None):
+    """The committed model folder a command reads (`checkpoint`, else the run's: see `find_run`
+    and `find_checkpoint`), its model and tokenizer, and `cfg` as the run was trained (`_as_trained`).
+
+    Raises:
+        TaskError: no such run or no committed model in it (see `find_run`, `find_checkpoint`).
+    """
     from transformers import AutoTokenizer
 
-    path = find_checkpoint(cfg, checkpoint)
+    from .storage import LocalStore
+
+    run_dir = None
+    if not checkpoint:
+        run = find_run(cfg, LocalStore(cfg.output_dir, setting="OUTPUT_DIR"), cfg.output_dir, "OUTPUT_DIR",
+                       elsewhere=", pass --checkpoint=PATH, or `python -m trainer pull` one from CHECKPOINT_URI")
+        run_dir = Path(cfg.output_dir) / run
+    path = find_checkpoint(cfg, checkpoint, run_dir)
     model = MultitaskModel.from_checkpoint(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return path, model, tokenizer
+    return path, model, tokenizer, _as_trained(cfg, path)
 
 
 def evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
-    """Evaluate a saved multitask model on every task's validation split."""
+    """Evaluate a saved multitask model on every task's validation split, read from the files
+    or Hub datasets its task declarations (saved with it) name.
+
+    Raises:
+        TaskError: no committed model to read (see `_load_saved`), or its validation data is
+            missing or bad.
+        ConfigError: MAX_SEQ_LENGTH is longer than the model takes.
+    """
     setup_logging()
-    path, model, tokenizer = _load_saved(cfg, checkpoint)
+    path, model, tokenizer, cfg = _load_saved(cfg, checkpoint)
     specs = list(model.specs.values())
-    check_max_length(cfg, specs, tokenizer, model.config)
+    check_max_length(cfg, specs, tokenizer, model.config, model_name=str(path))
     specs, raw = prepare_tasks(cfg, specs, need_train=False)
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     metrics = _trainer_for(cfg, model, tasks, tokenizer, path).evaluate()
@@ -492,9 +579,13 @@ def evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
 
 
 def export(cfg: Config, checkpoint: str | None = None, output: str | None = None, task: str | None = None) -> dict[str, str]:
-    """Export tasks of a saved multitask model as standalone Hugging Face models."""
+    """Export tasks of a saved multitask model as standalone Hugging Face models.
+
+    Raises:
+        TaskError: no committed model to read (see `_load_saved`), or --task is not in it.
+    """
     setup_logging()
-    path, model, tokenizer = _load_saved(cfg, checkpoint)
+    path, model, tokenizer, _ = _load_saved(cfg, checkpoint)
     names = [task] if task else list(model.specs)
     unknown = [n for n in names if n not in model.specs]
     if unknown:
@@ -551,7 +642,8 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     """Predict `task` on a jsonl/json/csv/tsv of inputs; writes one JSON line per input, atomically.
 
     Raises:
-        TaskError: a bad --input (see `_read_inputs`), --output or --task, before predicting.
+        TaskError: a bad --input (see `_read_inputs`), --output or --task, or no committed model to
+            read (see `_load_saved`), before predicting.
         ConfigError: MAX_SEQ_LENGTH is longer than the model takes.
     """
     import numpy as np
@@ -561,11 +653,11 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
 
     setup_logging()
     out_path = _output_path(Path(input), output, task)
-    path, model, tokenizer = _load_saved(cfg, checkpoint)
+    path, model, tokenizer, cfg = _load_saved(cfg, checkpoint)
     if task not in model.specs:
         raise TaskError(f"--task={task!r} is not in this model; it has {', '.join(model.specs)}")
     spec = model.specs[task]
-    check_max_length(cfg, [spec], tokenizer, model.config)
+    check_max_length(cfg, [spec], tokenizer, model.config, model_name=str(path))
     ds = _with_placeholder_labels(spec, _read_inputs(Path(input), spec))
     check_columns(spec, "input", ds)
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length)
@@ -676,14 +768,15 @@ def pull(cfg: Config, which: str = "latest", task: str | None = None, dest: str 
     deleted or changed.
 
     Raises:
-        TaskError: nothing matches `which`/`task`, or `dest` cannot take the files.
+        TaskError: no such run in the store (see `find_run`), nothing matches `which`/`task`, or
+            `dest` cannot take the files.
         StorageError: CorruptObjectError for a changed object, UnsafeObjectName for a bad name.
     """
     from . import checkpoint_store as cs
 
     setup_logging()
     store = open_checkpoint_store(cfg, check=False)
-    run = cfg.resolved_run_name
+    run = find_run(cfg, store, store.uri(), "CHECKPOINT_URI")
     committed = cs.list_checkpoints(store, run)
     final = cs.read_final(store, run)
     if list_only:

@@ -218,10 +218,11 @@ def max_input_length(tokenizer, model_config) -> tuple[int, str] | None:
     return min(limits) if limits else None
 
 
-def check_max_length(cfg: Config, specs: list[TaskSpec], tokenizer, model_config) -> None:
+def check_max_length(cfg: Config, specs: list[TaskSpec], tokenizer, model_config, *, model_name: str | None = None) -> None:
     """Check that every task's truncation length fits the model, before any data is tokenized.
 
     Longer inputs would index past the position embeddings in the first batch that holds one.
+    `model_name`: what the messages call the model (default MODEL_NAME; a saved model's folder).
 
     Raises:
         ConfigError: MAX_SEQ_LENGTH (used by a task without its own max_length) is too long.
@@ -231,12 +232,13 @@ def check_max_length(cfg: Config, specs: list[TaskSpec], tokenizer, model_config
     if limit is None:
         return
     most, which = limit
+    model_name = model_name or cfg.model_name
     for spec in specs:
         if spec.max_length is not None and spec.max_length > most:
-            raise TaskError(f"task {spec.name!r}: max_length={spec.max_length} is more than {cfg.model_name} takes "
+            raise TaskError(f"task {spec.name!r}: max_length={spec.max_length} is more than {model_name} takes "
                             f"({most} tokens, {which}); set max_length to {most} or less in the tasks file")
     if any(s.max_length is None for s in specs) and cfg.max_seq_length > most:
-        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.max_seq_length} is not valid: {cfg.model_name} takes at most {most} "
+        raise ConfigError(f"MAX_SEQ_LENGTH={cfg.max_seq_length} is not valid: {model_name} takes at most {most} "
                           f"tokens ({which}); set MAX_SEQ_LENGTH={most} or less")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,9 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         for split, path in files.items():
             p = Path(path).expanduser()
             if not p.is_absolute() and base_dir is not None:
-                p = base_dir / p
+                # Absolute (normalized, links kept): a saved model keeps these paths, and `evaluate`
+                # may run in another folder than `train` did.
+                p = Path(os.path.abspath(base_dir / p))
             if p.suffix.lower() not in FILE_FORMATS:
                 raise TaskError(f"{where}, split {split}: unsupported file type {p.name!r}; use {', '.join(FILE_FORMATS)}")
             resolved[split] = str(p)
