@@ -46,6 +46,15 @@ def test_types_are_parsed():
     assert cfg.learning_rate == 3e-5
 
 
+def test_report_to_takes_the_trainers_trackers_comma_separated():
+    assert load_config({}, environ={}).report_to == ["none"]
+    assert load_config({"report_to": "tensorboard, wandb,mlflow"}, environ={}).report_to == ["tensorboard", "wandb", "mlflow"]
+    assert load_config({}, environ={"REPORT_TO": "mlflow"}).report_to == ["mlflow"]
+    with pytest.raises(ConfigError, match=r"^REPORT_TO='wandb,comet_ml' is not valid: expected none or trackers from "
+                                          r"tensorboard,wandb,mlflow, comma-separated \(not: comet_ml\)$"):
+        load_config({"report_to": "wandb,comet_ml"}, environ={})
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -86,6 +95,9 @@ def test_types_are_parsed():
         ({"learning_rate": float("nan")}, "LEARNING_RATE=nan"),
         ({"task_weights": "stsb=inf,rte=1", "tasks": "stsb,rte", "sampling": "weights"}, "TASK_WEIGHTS='stsb=inf,rte=1'"),
         ({"task_weights": "stsb=nan"}, "TASK_WEIGHTS='stsb=nan'"),
+        ({"report_to": "comet_ml"}, "REPORT_TO='comet_ml'"),
+        ({"report_to": "none,wandb"}, "REPORT_TO='none,wandb'"),
+        ({"report_to": "wandb,wandb"}, "REPORT_TO='wandb,wandb'"),
     ],
 )
 def test_bad_values_name_the_setting(flags, named):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import faults
+from . import faults, trackers
 from .checkpoint_store import CheckpointError
 from .config import Config
 from .data import (
@@ -168,6 +168,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     setup_logging()
     precision = resolve_precision(cfg.precision)
+    report_to = trackers.setup(cfg)  # a tracker's missing package stops the job before anything is loaded
     specs = resolve_tasks(cfg)
     logger.info("Run %s: %s on %s (config %s)", cfg.resolved_run_name, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
     check_output_dir(cfg)
@@ -175,22 +176,19 @@ def train(cfg: Config) -> dict[str, Any]:
     preemption = PreemptionHandler()
     preemption.install()  # until the last commit: a SIGTERM in the grace period changes nothing
     try:
-        return _train(cfg, precision, specs, store, preemption)
+        return _train(cfg, precision, specs, store, preemption, report_to)
     finally:
         preemption.uninstall()
 
 
-def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption) -> dict[str, Any]:
+def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption, report_to: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
     from .checkpointing import CheckpointSync, work_dir
     from .lease import LocalRunLock, RunLease
 
     run = cfg.resolved_run_name
-    tensorboard = cfg.report_to == "tensorboard" or bool(os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
-    if tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
-    args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
+    args = build_training_args(cfg, precision=precision, report_to=report_to)
     specs, raw, tokenizer = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
@@ -218,24 +216,25 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             if preemption.agreed():
                 logger.warning("Preempted before training started: nothing to save; exiting 0 so the job restarts.")
                 return {"run": run, "preempted": True, "step": 0}
-            try:
-                train_result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-            except NonFiniteLoss as e:
-                sync.finish()
-                kept = sync.committer.committed[-1] if sync.committer and sync.committer.committed else None
-                raise NonFiniteLoss(f"{e}. Training stopped; " + (
-                    f"the last committed checkpoint (step {kept}) is kept" if kept is not None else
-                    "no checkpoint was committed before it")) from None
-            if sync.fenced is not None:
-                sync.finish(timeout=0)
-                raise sync.fenced
-            if preemption.stopped:
-                done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
-                logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
-                               trainer.state.global_step,
-                               "checkpoint committed" if done else "the last commit did not finish in time")
-                return {"run": run, "preempted": True, "step": trainer.state.global_step}
-            return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir))
+            with trackers.job_run(report_to, run, main=args.process_index == 0):
+                try:
+                    train_result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+                except NonFiniteLoss as e:
+                    sync.finish()
+                    kept = sync.committer.committed[-1] if sync.committer and sync.committer.committed else None
+                    raise NonFiniteLoss(f"{e}. Training stopped; " + (
+                        f"the last committed checkpoint (step {kept}) is kept" if kept is not None else
+                        "no checkpoint was committed before it")) from None
+                if sync.fenced is not None:
+                    sync.finish(timeout=0)
+                    raise sync.fenced
+                if preemption.stopped:
+                    done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
+                    logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
+                                   trainer.state.global_step,
+                                   "checkpoint committed" if done else "the last commit did not finish in time")
+                    return {"run": run, "preempted": True, "step": trainer.state.global_step}
+                return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir))
         finally:
             if sync is not None:  # whatever stopped the job: let a commit in flight finish first
                 sync.finish(timeout=cfg.preemption_grace_seconds)
@@ -446,7 +445,6 @@ def find_checkpoint(cfg: Config, checkpoint: str | None) -> Path:
 def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer, where: Path) -> MultitaskTrainer:
     """A Trainer for evaluation/prediction only; it works in the model's folder (creates nothing new)."""
     args = build_training_args(cfg, precision=resolve_precision(cfg.precision))
-    args.report_to = []
     args.output_dir = str(where)
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer, train_dataset=None)
 

@@ -73,8 +73,10 @@ def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]
     )
 
 
-def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
+def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | None = None) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
+
+    `report_to`: the Trainer integrations to log to (`trackers.setup`); none when not given.
 
     The Trainer works in the run's scratch folder (`checkpointing.WORKDIR`) and keeps one
     checkpoint there (and the best): the committed checkpoints, SAVE_TOTAL_LIMIT of them and the
@@ -109,7 +111,7 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
         metric_for_best_model=MACRO_METRIC,
         greater_is_better=True,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        report_to=["tensorboard"] if tensorboard or cfg.report_to == "tensorboard" else [],
+        report_to=list(report_to or []),
         remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
