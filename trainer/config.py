@@ -102,6 +102,10 @@ class Config:
     save_steps: int = _setting(500, "checkpoint every N steps when SAVE_STRATEGY=steps", "training")
     save_total_limit: int | None = _setting(3, "keep at most N checkpoints (the best is always kept)", "training")
     load_best_model_at_end: bool = _setting(True, "reload the checkpoint with the best macro-average metric at the end", "training")
+    early_stopping_patience: int | None = _setting(
+        None, "stop training after this many evaluations without improvement of the macro average (empty: never)", "training")
+    early_stopping_threshold: float = _setting(
+        0.0, "early stopping: the macro average must rise by more than this to count as an improvement", "training")
     dataloader_num_workers: int = _setting(0, "data-loading worker processes", "training")
     report_to: list[str] = _setting(
         ["none"], "trackers the Trainer logs to besides the console: none, or any of " + ",".join(REPORT_TO), "training")
@@ -448,6 +452,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "|".join(PRECISIONS))
     _check(cfg.eval_strategy in STRATEGIES, "eval_strategy", cfg.eval_strategy, "|".join(STRATEGIES))
     _check(cfg.save_strategy in STRATEGIES, "save_strategy", cfg.save_strategy, "|".join(STRATEGIES))
+    if cfg.early_stopping_patience is not None:
+        _check(cfg.early_stopping_patience >= 1, "early_stopping_patience", cfg.early_stopping_patience, "a positive integer or empty")
+        _check(cfg.eval_strategy != "no", "early_stopping_patience", cfg.early_stopping_patience,
+               "empty when EVAL_STRATEGY=no (early stopping counts evaluations: set EVAL_STRATEGY=epoch or steps)")
+    _check(cfg.early_stopping_threshold >= 0, "early_stopping_threshold", cfg.early_stopping_threshold, "a number >= 0")
     _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "a positive integer or empty")
     _check(cfg.dataloader_num_workers >= 0, "dataloader_num_workers", cfg.dataloader_num_workers, "an integer >= 0")
     if cfg.report_to != ["none"]:

@@ -9,6 +9,7 @@ schedulers, mixed precision, logging, checkpoint rotation and resumption are `Tr
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 
 from . import metrics as metric_fns
@@ -118,6 +119,37 @@ def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | N
         # Without a GPU, torchrun processes only join one job (gloo) when asked to run on the CPU.
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def add_early_stopping(trainer: Trainer, cfg: Config, resumed: Path | None) -> EarlyStoppingCallback | None:
+    """Add the Trainer's own `EarlyStoppingCallback` when EARLY_STOPPING_PATIENCE is set (else
+    nothing), counting on from the evaluations without improvement that the resumed checkpoint
+    recorded, and return it.
+
+    The Trainer saves that count in `trainer_state.json` (`stateful_callbacks`) but restores
+    callbacks only with `restore_callback_states_from_checkpoint`, which would also bring back the
+    checkpoint's patience and threshold: here the count is restored and the settings are this
+    job's, so EARLY_STOPPING_PATIENCE may change on resume. When the count already reaches the
+    patience, early stopping ended the training at that checkpoint (the job was stopped before it
+    committed the final model): the Trainer then trains no further step (its max_steps becomes
+    that step) and goes straight to its end, which loads the best model.
+    """
+    if cfg.early_stopping_patience is None:
+        return None
+    callback = EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)
+    if resumed is not None:
+        state = json.loads((resumed / "trainer_state.json").read_text())
+        saved = (state.get("stateful_callbacks") or {}).get(type(callback).__name__) or {}
+        callback.early_stopping_patience_counter = int(saved.get("attributes", {}).get("early_stopping_patience_counter", 0))
+        if stopped_early(callback):
+            trainer.args.max_steps = int(state["global_step"])
+    trainer.add_callback(callback)
+    return callback
+
+
+def stopped_early(callback: EarlyStoppingCallback | None) -> bool:
+    """Whether early stopping ended the training: its count of evaluations without improvement reached the patience."""
+    return callback is not None and callback.early_stopping_patience_counter >= callback.early_stopping_patience
 
 
 class EpochAwareLoader(DataLoader):
