@@ -26,11 +26,15 @@ WORKDIR /app
 # Dependencies before the source, so that editing the trainer rebuilds only the last layer.
 # The base's torch must be the pinned one: pip then keeps its CUDA build (constraints.txt holds
 # torch) instead of downloading another torch with a few GB of CUDA wheels.
-COPY requirements.txt constraints.txt ./
+COPY requirements.txt requirements-trackers.txt constraints.txt ./
 RUN python -W ignore -c "import re, torch; pin = re.search(r'^torch==(\S+)', open('constraints.txt').read(), re.M)[1]; \
 have = torch.__version__.split('+')[0]; \
 have == pin or exit(f'BASE_IMAGE has torch {have}, constraints.txt pins {pin}: use a base image with torch {pin}')" \
     && python -m pip install --no-cache-dir -c constraints.txt -r requirements.txt
+
+# The W&B and MLflow clients (about 200 MB beside a CUDA base of several GB), so that REPORT_TO=wandb
+# or mlflow works in Docker and on Vertex AI as it does locally; their own layer, as they change apart.
+RUN python -m pip install --no-cache-dir -c constraints.txt -r requirements-trackers.txt
 
 # A non-root user. HOME (Hugging Face and torch caches) and the output folder are writable for
 # any uid, since `make docker-local-train` runs the image as the invoking host user.

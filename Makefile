@@ -11,7 +11,7 @@ ENV_FILE ?= .env
 HAS_ENV := $(wildcard $(ENV_FILE))
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help venv venv-dev run-local test lint clean pull-checkpoint list-checkpoints create-bucket
+.PHONY: help venv venv-trackers venv-dev run-local test lint clean pull-checkpoint list-checkpoints create-bucket
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,13 +29,19 @@ $(VENV)/.package: $(VENV)/.runtime pyproject.toml
 	$(PIP) -c constraints.txt --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.trackers: $(VENV)/.runtime requirements-trackers.txt
+	$(PIP) -c constraints.txt -r requirements-trackers.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.trackers requirements-dev.txt
 	$(PIP) -c constraints.txt -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.package ## create the virtualenv: the runtime requirements and the trainer (`multitask-trainer`)
 
-venv-dev: $(VENV)/.package $(VENV)/.dev ## the virtualenv plus test and lint tools
+venv-trackers: $(VENV)/.package $(VENV)/.trackers ## the virtualenv plus the W&B and MLflow clients, for REPORT_TO=wandb,mlflow
+
+venv-dev: $(VENV)/.package $(VENV)/.dev ## the virtualenv plus the trackers, test and lint tools
 
 run-local: venv ## train on this machine: the .env job, or the built-in offline demo when there is no .env
 ifeq ($(HAS_ENV),)

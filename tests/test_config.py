@@ -46,6 +46,25 @@ def test_types_are_parsed():
     assert cfg.learning_rate == 3e-5
 
 
+def test_report_to_takes_the_trainers_trackers_comma_separated():
+    assert load_config({}, environ={}).report_to == ["none"]
+    assert load_config({"report_to": "tensorboard, wandb,mlflow"}, environ={}).report_to == ["tensorboard", "wandb", "mlflow"]
+    assert load_config({}, environ={"REPORT_TO": "mlflow"}).report_to == ["mlflow"]
+    with pytest.raises(ConfigError, match=r"^REPORT_TO='wandb,comet_ml' is not valid: expected none or trackers from "
+                                          r"tensorboard,wandb,mlflow, comma-separated \(not: comet_ml\)$"):
+        load_config({"report_to": "wandb,comet_ml"}, environ={})
+
+
+def test_early_stopping_needs_an_evaluation_strategy():
+    cfg = load_config({"early_stopping_patience": "3", "early_stopping_threshold": "0.01"}, environ={})
+    assert cfg.early_stopping_patience == 3 and cfg.early_stopping_threshold == 0.01
+    assert load_config({}, environ={}).early_stopping_patience is None  # off unless set
+    with pytest.raises(ConfigError) as err:
+        load_config({"early_stopping_patience": 3, "eval_strategy": "no", "load_best_model_at_end": False}, environ={})
+    assert str(err.value) == ("EARLY_STOPPING_PATIENCE=3 is not valid: expected empty when EVAL_STRATEGY=no "
+                              "(early stopping counts evaluations: set EVAL_STRATEGY=epoch or steps)")
+
+
 @pytest.mark.parametrize(
     ("flags", "named"),
     [
@@ -86,6 +105,12 @@ def test_types_are_parsed():
         ({"learning_rate": float("nan")}, "LEARNING_RATE=nan"),
         ({"task_weights": "stsb=inf,rte=1", "tasks": "stsb,rte", "sampling": "weights"}, "TASK_WEIGHTS='stsb=inf,rte=1'"),
         ({"task_weights": "stsb=nan"}, "TASK_WEIGHTS='stsb=nan'"),
+        ({"report_to": "comet_ml"}, "REPORT_TO='comet_ml'"),
+        ({"report_to": "none,wandb"}, "REPORT_TO='none,wandb'"),
+        ({"report_to": "wandb,wandb"}, "REPORT_TO='wandb,wandb'"),
+        ({"early_stopping_patience": 0}, "EARLY_STOPPING_PATIENCE=0"),
+        ({"early_stopping_patience": "soon"}, "EARLY_STOPPING_PATIENCE='soon'"),
+        ({"early_stopping_threshold": -0.01}, "EARLY_STOPPING_THRESHOLD=-0.01"),
     ],
 )
 def test_bad_values_name_the_setting(flags, named):

@@ -140,7 +140,8 @@ def test_image_keeps_the_base_images_torch(image):
 def test_image_holds_only_what_the_job_needs(image):
     listing = docker("run", "--rm", "--entrypoint", "find", image.tag, "/app", "-mindepth", "1").splitlines()
     names = {Path(p).relative_to("/app").as_posix() for p in listing}
-    assert {n for n in names if "/" not in n} == {"requirements.txt", "constraints.txt", "trainer", "outputs"}
+    assert {n for n in names if "/" not in n} == {"requirements.txt", "requirements-trackers.txt", "constraints.txt", "trainer",
+                                              "outputs"}
     assert not [n for n in names if n.startswith("outputs/")], "the output folder must be empty"
     shipped = {p.relative_to(image.context).as_posix() for p in (image.context / "trainer").rglob("*")
                if "__pycache__" not in p.parts}
@@ -179,6 +180,8 @@ def test_docker_local_train_commits_checkpoints_to_the_bucket(image, gcs_server,
         f"STORAGE_EMULATOR_HOST={gcs_server.url}\n"
         "GOOGLE_CLOUD_PROJECT=test\n"
         "HF_HUB_OFFLINE=1\n"
+        "REPORT_TO=tensorboard,wandb  # the image carries the trackers' clients\n"
+        "WANDB_MODE=offline\n"
     )
     out = make(
         "docker-local-train", **image.make_variables, ENV_FILE=env_file, DOCKER_OUTPUTS=outputs,
@@ -199,6 +202,8 @@ def test_docker_local_train_commits_checkpoints_to_the_bucket(image, gcs_server,
     verify_checkpoint(store, final)
 
     assert (outputs / "docker-demo" / "metrics.json").is_file()
+    assert list((outputs / "docker-demo" / "wandb").glob("offline-run-*/run-*.wandb")), out[-3000:]
+    assert list((outputs / "docker-demo" / "tensorboard").glob("events.out.tfevents.*")), out[-3000:]
     assert not owned_by(outputs, uid)
 
 

@@ -108,7 +108,7 @@ def test_a_wheel_holds_the_package_with_the_demo_files_and_the_command(tmp_path)
     """What `pip install .` (not editable) installs: built offline from a copy of the sources."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "requirements.txt", "requirements-cloud.txt"):
+    for name in ("pyproject.toml", "requirements.txt", "requirements-cloud.txt", "requirements-trackers.txt"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "trainer", source / "trainer", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
@@ -119,7 +119,14 @@ def test_a_wheel_holds_the_package_with_the_demo_files_and_the_command(tmp_path)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = [z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")]
+        [metadata] = [z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA")]
     shipped = {p.relative_to(source).as_posix() for p in (source / "trainer").rglob("*") if p.is_file()}
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == shipped
     assert {"trainer/demo/tasks.json", "trainer/demo/model/vocab.txt", "trainer/demo/data/entailment_dev.csv"} <= shipped
     assert entry_points and f"{COMMAND} = trainer.cli:main" in entry_points[0], f"no console script in {wheel.name}: {entry_points}"
+    # the extras name the pinned files' packages: `pip install .[trackers]` gets what `make venv-trackers` does
+    for extra, requirements in (("cloud", "requirements-cloud.txt"), ("trackers", "requirements-trackers.txt")):
+        assert f"Provides-Extra: {extra}" in metadata
+        for line in (ROOT / requirements).read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                assert f"Requires-Dist: {line.strip()}; extra == \"{extra}\"" in metadata, (extra, line, metadata)

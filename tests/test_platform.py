@@ -68,6 +68,19 @@ def test_submit_dry_run_sends_nothing_and_prints_a_valid_job(vertex_server):
     assert job.job_spec.base_output_directory.output_uri_prefix == "gs://my-bucket/multitask/roberta-base-stsb-rte-commonsense_qa"
 
 
+def test_submit_passes_the_env_files_variables_of_the_named_trackers_to_the_job(vertex_server, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text((ROOT / ".env.example").read_text().replace("REPORT_TO=none", "REPORT_TO=wandb")
+                        + "WANDB_PROJECT=multitask\nWANDB_API_KEY=k-123\nWANDB_ENTITY=\nMLFLOW_TRACKING_URI=http://mlflow:5000\n")
+    result = run_cli("submit", "--dry_run", f"--env_file={env_file}", f"--vertex_api_endpoint={vertex_server.endpoint}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    job = aiplatform_v1.CustomJob.from_json(result.stdout)
+    env = {e.name: e.value for e in job.job_spec.worker_pool_specs[0].container_spec.env}
+    assert env["REPORT_TO"] == "wandb" and env["WANDB_PROJECT"] == "multitask" and env["WANDB_API_KEY"] == "k-123"
+    assert "WANDB_ENTITY" not in env  # empty means unset
+    assert "MLFLOW_TRACKING_URI" not in env  # REPORT_TO does not name mlflow
+
+
 def test_submit_refuses_a_bad_combination_before_sending(vertex_server):
     result = run_cli("submit", f"--env_file={ROOT / '.env.example'}", f"--vertex_api_endpoint={vertex_server.endpoint}",
                      "--machine_type=a2-highgpu-1g", "--accelerator_type=NVIDIA_TESLA_T4")

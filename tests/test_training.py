@@ -262,6 +262,7 @@ def build_trainer(model_dir, tasks_file, out, **settings):
     from trainer.jobs import load_tokenizer, prepare_tasks, tokenize_tasks
     from trainer.model import MultitaskModel, load_encoder
     from trainer.tasks import resolve_tasks
+    from trainer.trackers import setup
     from trainer.training import MultitaskTrainer, build_training_args
 
     cli = {"model_name": str(model_dir), "model_init": "scratch", "tasks_file": str(tasks_file),
@@ -274,7 +275,7 @@ def build_trainer(model_dir, tasks_file, out, **settings):
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     set_seed(cfg.seed)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
-    args = build_training_args(cfg, precision="fp32")
+    args = build_training_args(cfg, precision="fp32", report_to=setup(cfg))
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
 
 

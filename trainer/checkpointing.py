@@ -294,8 +294,8 @@ class CheckpointSync(TrainerCallback):
 # ------------------------------------------------------------------------------ run identity
 # The settings that shape the trained weights, the optimizer state or the data order: a checkpoint
 # trained with other values belongs to another run. Everything else (MAX_STEPS, NUM_TRAIN_EPOCHS,
-# the evaluation, saving, logging and storage settings, EVAL_BATCH_SIZE, MAX_EVAL_SAMPLES…) may
-# change between a run and its resume.
+# EARLY_STOPPING_PATIENCE and _THRESHOLD, the evaluation, saving, logging and storage settings,
+# EVAL_BATCH_SIZE, MAX_EVAL_SAMPLES…) may change between a run and its resume.
 IDENTITY_SETTINGS = (
     "model_name", "model_init", "tokenizer_name", "max_seq_length", "tasks", "max_train_samples", "sampling",
     "sampling_temperature", "sampling_cap", "task_weights", "group_by_length", "learning_rate", "train_batch_size",
@@ -363,25 +363,36 @@ def check_identity(manifest: Manifest, source: Store, identity: dict[str, Any]) 
         raise ResumeError(
             f"{name} of run {manifest.run} in {source.uri()} was trained with other settings: {'; '.join(diffs)}. "
             "Resuming would continue another run's optimizer, schedule and data order: set another RUN_NAME "
-            "(MAX_STEPS, NUM_TRAIN_EPOCHS and the evaluation, saving and logging settings may change on resume)")
+            "(MAX_STEPS, NUM_TRAIN_EPOCHS, early stopping and the evaluation, saving and logging settings may change on resume)")
 
 
 # ------------------------------------------------------------------------------ resume
 @dataclass
 class ResumePlan:
     """What a starting job does: resume `checkpoint` (a folder in WORKDIR), start fresh (None),
-    or nothing when the run is `finished` (its final model is committed at or past the planned steps)."""
+    or nothing when the run is `finished` (its final model is committed at or past the planned
+    steps, or where early stopping ended it: see `ended_early`)."""
 
     checkpoint: Path | None = None
     finished: Manifest | None = None
 
 
-def plan_resume(store: Store, run: str, resume: str, work: Path, *, identity: dict[str, Any], planned_steps: int) -> ResumePlan:
+def ended_early(final: Manifest, patience: int | None) -> bool:
+    """Whether early stopping ended the run of the final model `final` with a patience that this
+    job's EARLY_STOPPING_PATIENCE has not raised (a larger patience, or none, trains on)."""
+    counted = final.metadata.get("evaluations_without_improvement")
+    return bool(final.metadata.get("stopped_early")) and patience is not None and counted is not None and counted >= patience
+
+
+def plan_resume(store: Store, run: str, resume: str, work: Path, *, identity: dict[str, Any], planned_steps: int,
+                early_stopping_patience: int | None = None) -> ResumePlan:
     """Decide how this job starts, and download what it resumes into `work` (emptied first).
 
     `resume`: "never" (start over; refused if the run already has committed checkpoints, which
     a restart would otherwise overwrite), "auto" (the newest committed checkpoint of `run` that
-    verifies, falling back over corrupt ones) or the URI/path of one checkpoint folder.
+    verifies, falling back over corrupt ones) or the URI/path of one checkpoint folder. A run
+    whose final model is committed is finished at its planned steps, or earlier where early
+    stopping ended it (`ended_early`).
 
     Raises:
         StorageError: the store cannot be read (a network failure must not silently restart).
@@ -413,7 +424,8 @@ def plan_resume(store: Store, run: str, resume: str, work: Path, *, identity: di
         reference = manifest if manifest is not None else final
         if reference is not None:
             check_identity(reference, store, identity)
-        if final is not None and final.step >= planned_steps and (manifest is None or manifest.step <= final.step):
+        if final is not None and (final.step >= planned_steps or ended_early(final, early_stopping_patience)) and (
+                manifest is None or manifest.step <= final.step):
             return ResumePlan(finished=final)
         if manifest is None:
             logger.info("no committed checkpoint of run %s in %s: starting from the beginning", run, store.uri())

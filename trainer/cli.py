@@ -104,18 +104,19 @@ class Commands:
     def submit(self, dry_run: bool = False, wait: bool = False, env_file: str | None = None, **settings):
         """Submit the job to Vertex AI as a custom job running IMAGE_URI (what `make cloud-train` does).
 
-        The job's settings (those that differ from the defaults) travel as container environment
-        variables; PROJECT_ID, REGION, MACHINE_TYPE, ACCELERATOR_* and the other cloud settings
+        The job's settings (those that differ from the defaults), and the env file's variables of
+        the trackers REPORT_TO names (WANDB_*, MLFLOW_*), travel as container environment variables; PROJECT_ID, REGION, MACHINE_TYPE, ACCELERATOR_* and the other cloud settings
         shape the CustomJob. --dry-run prints the CustomJob JSON without sending it; --wait
         follows the job's state until it ends.
         """
         import dataclasses
 
-        from . import cloud
+        from . import cloud, trackers
 
         cfg = load_config(self._flags(settings), env_file=env_file)
+        tracker_env = trackers.env_file_variables(cfg, trackers.named(cfg))  # WANDB_API_KEY, MLFLOW_TRACKING_URI…
         cfg = dataclasses.replace(cfg, run_name=cfg.resolved_run_name)  # the job and its restarts share one run
-        cloud.submit(cfg, cfg.to_env(), args=["train"], dry_run=dry_run, wait=wait)
+        cloud.submit(cfg, {**tracker_env, **cfg.to_env()}, args=["train"], dry_run=dry_run, wait=wait)
 
     def settings(self, get: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
         """List every setting with its default and meaning (env-file name = flag name in upper case).

@@ -32,14 +32,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("no", "steps", "epoch")
 MODEL_INITS = ("pretrained", "scratch")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we support (trainer.trackers)
 RESUME_MODES = ("auto", "never")
 
 # Variables that may sit in an env file beside our settings without being ours: credentials,
 # library knobs and the Vertex contract. Anything else unknown in an env file is a typo.
 FOREIGN_ENV_PREFIXES = (
     "GOOGLE_", "GCLOUD_", "CLOUDSDK_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "CUDA_",
-    "NCCL_", "OMP_", "MKL_", "PYTORCH_", "TORCH_", "AIP_", "CLOUD_ML_", "WANDB_", "DOCKER_", "STORAGE_EMULATOR_",
+    "NCCL_", "OMP_", "MKL_", "PYTORCH_", "TORCH_", "AIP_", "CLOUD_ML_", "WANDB_", "MLFLOW_", "DOCKER_", "STORAGE_EMULATOR_",
     "PYTHON", "TENSORBOARD_", "MASTER_", "CLUSTER_SPEC", "WORLD_SIZE", "RANK", "LOCAL_RANK",
 )
 
@@ -103,8 +103,13 @@ class Config:
     save_steps: int = _setting(500, "checkpoint every N steps when SAVE_STRATEGY=steps", "training")
     save_total_limit: int | None = _setting(3, "keep at most N checkpoints (the best is always kept)", "training")
     load_best_model_at_end: bool = _setting(True, "reload the checkpoint with the best macro average (of each task's primary metric) at the end", "training")
+    early_stopping_patience: int | None = _setting(
+        None, "stop training after this many evaluations without improvement of the macro average (empty: never)", "training")
+    early_stopping_threshold: float = _setting(
+        0.0, "early stopping: the macro average must rise by more than this to count as an improvement", "training")
     dataloader_num_workers: int = _setting(0, "data-loading worker processes", "training")
-    report_to: str = _setting("none", "where Trainer logs go besides the console: none|tensorboard", "training")
+    report_to: list[str] = _setting(
+        ["none"], "trackers the Trainer logs to besides the console: none, or any of " + ",".join(REPORT_TO), "training")
     export_at_end: bool = _setting(True, "export every task as a standalone Hugging Face model after training", "training")
 
     # --- checkpoints (storage) ---
@@ -138,6 +143,9 @@ class Config:
     # `load_config` records on the instance; None for a Config built in code, where every value
     # counts as set. Commands that read a saved run use the run's value of a setting nobody set.
     given = None
+    # Not a setting either: the env file `load_config` read (None: none), whose variables of other
+    # tools (WANDB_*, MLFLOW_*…) `trackers` passes on to the trackers and to the cloud job.
+    env_file = None
 
     # ------------------------------------------------------------------ derived values
     def is_set(self, name: str) -> bool:
@@ -390,7 +398,9 @@ def load_config(
     if demo:
         layers.update(DEMO_SETTINGS)
     path = env_file if env_file is not None else environ.get("ENV_FILE", ".env")
+    read_file = None
     if path and Path(path).is_file():
+        read_file = str(path)
         for name, value in read_env_file(path).items():
             given(name, value)
     elif path and (env_file is not None or "ENV_FILE" in environ):
@@ -408,6 +418,7 @@ def load_config(
     cfg = Config(**{name: _parse(name, value) for name, value in layers.items()})
     validate(cfg)
     cfg.given = frozenset(layers)
+    cfg.env_file = read_file
     return cfg
 
 
@@ -459,9 +470,19 @@ def validate(cfg: Config) -> None:
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "|".join(PRECISIONS))
     _check(cfg.eval_strategy in STRATEGIES, "eval_strategy", cfg.eval_strategy, "|".join(STRATEGIES))
     _check(cfg.save_strategy in STRATEGIES, "save_strategy", cfg.save_strategy, "|".join(STRATEGIES))
+    if cfg.early_stopping_patience is not None:
+        _check(cfg.early_stopping_patience >= 1, "early_stopping_patience", cfg.early_stopping_patience, "a positive integer or empty")
+        _check(cfg.eval_strategy != "no", "early_stopping_patience", cfg.early_stopping_patience,
+               "empty when EVAL_STRATEGY=no (early stopping counts evaluations: set EVAL_STRATEGY=epoch or steps)")
+    _check(cfg.early_stopping_threshold >= 0, "early_stopping_threshold", cfg.early_stopping_threshold, "a number >= 0")
     _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", cfg.save_total_limit, "a positive integer or empty")
     _check(cfg.dataloader_num_workers >= 0, "dataloader_num_workers", cfg.dataloader_num_workers, "an integer >= 0")
-    _check(cfg.report_to in REPORT_TO, "report_to", cfg.report_to, "|".join(REPORT_TO))
+    if cfg.report_to != ["none"]:
+        trackers, given = f"none or trackers from {','.join(REPORT_TO)}, comma-separated", format_value(cfg.report_to)
+        unknown = [t for t in cfg.report_to if t not in REPORT_TO]
+        _check(bool(cfg.report_to) and "none" not in cfg.report_to, "report_to", given, f"{trackers} (none alone)")
+        _check(not unknown, "report_to", given, f"{trackers} (not: {','.join(unknown)})")
+        _check(len(set(cfg.report_to)) == len(cfg.report_to), "report_to", given, f"{trackers}, each once")
     if cfg.load_best_model_at_end:
         _check(cfg.eval_strategy != "no", "load_best_model_at_end", True, "false when EVAL_STRATEGY=no")
         _check(cfg.save_strategy == cfg.eval_strategy, "save_strategy", cfg.save_strategy,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import faults
+from . import faults, trackers
 from .checkpoint_store import CheckpointError
 from .config import Config
 from .data import (
@@ -36,12 +36,14 @@ from .training import (
     MACRO_METRIC,
     MultitaskTrainer,
     NonFiniteLoss,
+    add_early_stopping,
     build_training_args,
     chance_scores,
     check_task_mixing,
     decode,
     resolve_precision,
     sampling_plan,
+    stopped_early,
 )
 
 logger = logging.getLogger("trainer")
@@ -184,6 +186,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     setup_logging()
     precision = resolve_precision(cfg.precision)
+    report_to = trackers.setup(cfg)  # a tracker's missing package stops the job before anything is loaded
     specs = resolve_tasks(cfg)
     logger.info("Run %s: %s on %s (config %s)", cfg.resolved_run_name, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
     check_output_dir(cfg)
@@ -191,22 +194,19 @@ def train(cfg: Config) -> dict[str, Any]:
     preemption = PreemptionHandler()
     preemption.install()  # until the last commit: a SIGTERM in the grace period changes nothing
     try:
-        return _train(cfg, precision, specs, store, preemption)
+        return _train(cfg, precision, specs, store, preemption, report_to)
     finally:
         preemption.uninstall()
 
 
-def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption) -> dict[str, Any]:
+def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption, report_to: list[str]) -> dict[str, Any]:
     from transformers import set_seed
 
     from .checkpointing import CheckpointSync, work_dir
     from .lease import LocalRunLock, RunLease
 
     run = cfg.resolved_run_name
-    tensorboard = cfg.report_to == "tensorboard" or bool(os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
-    if tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.run_dir / "tensorboard"))
-    args = build_training_args(cfg, precision=precision, tensorboard=tensorboard)
+    args = build_training_args(cfg, precision=precision, report_to=report_to)
     specs, raw, tokenizer = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
@@ -230,30 +230,33 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
 
             sync = CheckpointSync(store, run, metadata=_run_metadata(cfg), identity=identity, keep=cfg.save_total_limit,
                                   guard=lease.check if lease else None, writer=lease.owner.id if lease else None)
+            early_stopping = add_early_stopping(trainer, cfg, plan.checkpoint)
             for callback in [*faults.callbacks(lambda: sync.committer and sync.committer.wait()),
                              *platform_callbacks(cfg.run_dir, MACRO_METRIC), preemption, sync]:
                 trainer.add_callback(callback)  # `sync` last: it sees every other callback's decision
             if preemption.agreed():
                 logger.warning("Preempted before training started: nothing to save; exiting 0 so the job restarts.")
                 return {"run": run, "preempted": True, "step": 0}
-            try:
-                train_result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-            except NonFiniteLoss as e:
-                sync.finish()
-                kept = sync.committer.committed[-1] if sync.committer and sync.committer.committed else None
-                raise NonFiniteLoss(f"{e}. Training stopped; " + (
-                    f"the last committed checkpoint (step {kept}) is kept" if kept is not None else
-                    "no checkpoint was committed before it")) from None
-            if sync.fenced is not None:
-                sync.finish(timeout=0)
-                raise sync.fenced
-            if preemption.stopped:
-                done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
-                logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
-                               trainer.state.global_step,
-                               "checkpoint committed" if done else "the last commit did not finish in time")
-                return {"run": run, "preempted": True, "step": trainer.state.global_step}
-            return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir))
+            with trackers.job_run(report_to, run, main=args.process_index == 0):
+                try:
+                    train_result = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+                except NonFiniteLoss as e:
+                    sync.finish()
+                    kept = sync.committer.committed[-1] if sync.committer and sync.committer.committed else None
+                    raise NonFiniteLoss(f"{e}. Training stopped; " + (
+                        f"the last committed checkpoint (step {kept}) is kept" if kept is not None else
+                        "no checkpoint was committed before it")) from None
+                if sync.fenced is not None:
+                    sync.finish(timeout=0)
+                    raise sync.fenced
+                if preemption.stopped:
+                    done = sync.finish(timeout=preemption.seconds_left(cfg.preemption_grace_seconds))
+                    logger.warning("Preempted at step %d: %s; exiting 0 so the platform restarts the job, which resumes.",
+                                   trainer.state.global_step,
+                                   "checkpoint committed" if done else "the last commit did not finish in time")
+                    return {"run": run, "preempted": True, "step": trainer.state.global_step}
+                return _finish(cfg, store, sync, trainer, tasks, tokenizer, train_result, work_dir(cfg.run_dir),
+                               _ending(early_stopping))
         finally:
             if sync is not None:  # whatever stopped the job: let a commit in flight finish first
                 sync.finish(timeout=cfg.preemption_grace_seconds)
@@ -293,7 +296,7 @@ def _shared_resume_plan(cfg: Config, store, trainer, identity: dict[str, Any]):
         if args.local_process_index == 0:
             marker.unlink(missing_ok=True)
             plan = plan_resume(store, cfg.resolved_run_name, cfg.resume, work, identity=identity,
-                               planned_steps=trainer.planned_steps())
+                               planned_steps=trainer.planned_steps(), early_stopping_patience=cfg.early_stopping_patience)
             marker.write_text(json.dumps({"checkpoint": str(plan.checkpoint or ""),
                                           "finished": plan.finished.to_json() if plan.finished else None}))
             return plan
@@ -311,9 +314,15 @@ def _already_finished(cfg: Config, store, final, trainer) -> dict[str, Any]:
     from .checkpoint_store import download_checkpoint, verify_local
 
     run = cfg.resolved_run_name
-    logger.info("Run %s already finished at step %d: its final model is committed at %s. Nothing to do "
-                "(raise MAX_STEPS or NUM_TRAIN_EPOCHS to train further, or set another RUN_NAME for a new run).",
-                run, final.step, store.uri(final.prefix))
+    if final.metadata.get("stopped_early"):
+        logger.info("Run %s already finished at step %d: it stopped early (eval_%s did not improve for %d evaluations), "
+                    "its final model is committed at %s. Nothing to do (raise EARLY_STOPPING_PATIENCE or empty it to "
+                    "train further, or set another RUN_NAME for a new run).", run, final.step, MACRO_METRIC,
+                    final.metadata.get("evaluations_without_improvement"), store.uri(final.prefix))
+    else:
+        logger.info("Run %s already finished at step %d: its final model is committed at %s. Nothing to do "
+                    "(raise MAX_STEPS or NUM_TRAIN_EPOCHS to train further, or set another RUN_NAME for a new run).",
+                    run, final.step, store.uri(final.prefix))
     if trainer.args.should_save:
         local = cfg.run_dir / "final"
         try:
@@ -327,10 +336,19 @@ def _already_finished(cfg: Config, store, final, trainer) -> dict[str, Any]:
     return {"run": run, "finished": True, "step": final.step}
 
 
-def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer, train_result, work: Path) -> dict[str, Any]:
+def _ending(early_stopping) -> dict[str, Any]:
+    """How training ended, for metrics.json and the final manifest (`checkpointing.plan_resume` reads it)."""
+    if not stopped_early(early_stopping):
+        return {"stopped_early": False}
+    return {"stopped_early": True, "evaluations_without_improvement": early_stopping.early_stopping_patience_counter}
+
+
+def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer, train_result, work: Path,
+            ending: dict[str, Any]) -> dict[str, Any]:
     """Save the final (or best) model, evaluate, export, commit it as `<run>/final`, and put the
     committed copy at OUTPUT_DIR/<run>/final. It is built in the scratch folder, so a crash at
-    any point leaves the committed final model, if any, as it was."""
+    any point leaves the committed final model, if any, as it was. `ending`: how training ended
+    (`_ending`), recorded in metrics.json and the final manifest."""
     from . import checkpoint_store
 
     run = cfg.resolved_run_name
@@ -346,7 +364,11 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
         raise NonFiniteLoss(f"the final weights are not finite ({bad[0]} and {len(bad) - 1} more): nothing was committed "
                             "as the final model; lower LEARNING_RATE or use PRECISION=fp32")
 
-    results: dict[str, Any] = {"run": run, "config_hash": cfg.hash(), "train": train_result.metrics}
+    step = trainer.state.global_step
+    if ending["stopped_early"]:
+        logger.info("Early stopping: eval_%s did not improve for %d evaluations: training ended at step %d (best: step %s)",
+                    MACRO_METRIC, ending["evaluations_without_improvement"], step, trainer.state.best_global_step)
+    results: dict[str, Any] = {"run": run, "config_hash": cfg.hash(), "step": step, **ending, "train": train_result.metrics}
     if any(t.validation is not None for t in tasks):
         eval_metrics = trainer.evaluate()
         results["eval"] = eval_metrics
@@ -363,10 +385,9 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
         logger.info("Exported %d task models", len(tasks))
     write_metrics(building / "metrics.json", results)
 
-    step = trainer.state.global_step
     manifest = checkpoint_store.commit_final(
         faults.wraps_store(store, step, final=True), building, run, step,
-        metadata={**_run_metadata(cfg), "step": step, "identity": sync.identity, "writer": sync.writer},
+        metadata={**_run_metadata(cfg), "step": step, **ending, "identity": sync.identity, "writer": sync.writer},
         before_manifest=sync.guard)
     logger.info("Final model committed to %s", store.uri(f"{run}/final"))
     if _local_path(store, f"{run}/final") == final_dir.absolute():
@@ -514,7 +535,6 @@ def find_checkpoint(cfg: Config, checkpoint: str | None, run_dir: Path | None = 
 def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer, where: Path) -> MultitaskTrainer:
     """A Trainer for evaluation/prediction only; it works in the model's folder (creates nothing new)."""
     args = build_training_args(cfg, precision=resolve_precision(cfg.precision))
-    args.report_to = []
     args.output_dir = str(where)
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer, train_dataset=None)
 

@@ -11,6 +11,7 @@ destinations, checkpoint rotation and resumption are `Trainer`'s own.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import time
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length, speed_metrics
 
@@ -103,8 +104,11 @@ def sampling_plan(tasks: list[TaskData], sampler: MultitaskBatchSampler, gradien
     return "\n".join(lines)
 
 
-def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = False) -> TrainingArguments:
+def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | None = None) -> TrainingArguments:
+
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
+
+    `report_to`: the Trainer integrations to log to (`trackers.setup`); none when not given.
 
     The Trainer works in the run's scratch folder (`checkpointing.WORKDIR`) and keeps one
     checkpoint there (and the best): the committed checkpoints, SAVE_TOTAL_LIMIT of them and the
@@ -139,7 +143,7 @@ def build_training_args(cfg: Config, *, precision: str, tensorboard: bool = Fals
         metric_for_best_model=MACRO_METRIC,
         greater_is_better=True,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        report_to=["tensorboard"] if tensorboard or cfg.report_to == "tensorboard" else [],
+        report_to=list(report_to or []),
         remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
@@ -177,6 +181,35 @@ class TaskProgressCallback(ProgressCallback):
     def _close_bar(self) -> None:
         self.prediction_bar.close()
         self.prediction_bar, self._bar_loader = None, None
+def add_early_stopping(trainer: Trainer, cfg: Config, resumed: Path | None) -> EarlyStoppingCallback | None:
+    """Add the Trainer's own `EarlyStoppingCallback` when EARLY_STOPPING_PATIENCE is set (else
+    nothing), counting on from the evaluations without improvement that the resumed checkpoint
+    recorded, and return it.
+
+    The Trainer saves that count in `trainer_state.json` (`stateful_callbacks`) but restores
+    callbacks only with `restore_callback_states_from_checkpoint`, which would also bring back the
+    checkpoint's patience and threshold: here the count is restored and the settings are this
+    job's, so EARLY_STOPPING_PATIENCE may change on resume. When the count already reaches the
+    patience, early stopping ended the training at that checkpoint (the job was stopped before it
+    committed the final model): the Trainer then trains no further step (its max_steps becomes
+    that step) and goes straight to its end, which loads the best model.
+    """
+    if cfg.early_stopping_patience is None:
+        return None
+    callback = EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)
+    if resumed is not None:
+        state = json.loads((resumed / "trainer_state.json").read_text())
+        saved = (state.get("stateful_callbacks") or {}).get(type(callback).__name__) or {}
+        callback.early_stopping_patience_counter = int(saved.get("attributes", {}).get("early_stopping_patience_counter", 0))
+        if stopped_early(callback):
+            trainer.args.max_steps = int(state["global_step"])
+    trainer.add_callback(callback)
+    return callback
+
+
+def stopped_early(callback: EarlyStoppingCallback | None) -> bool:
+    """Whether early stopping ended the training: its count of evaluations without improvement reached the patience."""
+    return callback is not None and callback.early_stopping_patience_counter >= callback.early_stopping_patience
 
 
 class EpochAwareLoader(DataLoader):
