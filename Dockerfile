@@ -6,7 +6,7 @@
 # BASE_IMAGE must hold the torch that requirements.txt and constraints.txt pin (checked below).
 # Docker Hub tags read <torch>-cuda<X.Y>-cudnn<N>-runtime; torch 2.13.0 comes with CUDA 12.6, 13.0
 # and 13.2. CUDA 12.6 rather than 13.x: it needs older GPU drivers, and CUDA 13 no longer supports
-# the Pascal and Volta GPUs (P4, P100, V100) that trainer/cloud.py offers. CI builds on a local
+# the Pascal and Volta GPUs (P4, P100, V100) that trainer/cloud/vertex.py offers. CI builds on a local
 # stand-in with the same torch (.ci/docker-up.sh).
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 FROM ${BASE_IMAGE}

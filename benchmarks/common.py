@@ -106,7 +106,7 @@ class Setup:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from trainer.jobs import load_tokenizer
+            from trainer.commands import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model, list(self.specs().values()))
         return self._tokenizer
@@ -244,7 +244,7 @@ def multitask_trainer(setup: Setup, tasks: list[TaskData], cfg: Config, *, preci
     """`MultitaskTrainer` over a fresh `MultitaskModel` (seeded), as `python -m trainer train` builds it."""
     from transformers import set_seed
 
-    from trainer.model import MultitaskModel, load_encoder
+    from trainer.modeling import MultitaskModel, load_encoder
     from trainer.training import MultitaskTrainer
 
     set_seed(cfg.seed)
@@ -258,7 +258,7 @@ def baseline_model(setup: Setup, spec: TaskSpec, seed: int):
     import transformers
     from transformers import AutoConfig, set_seed
 
-    from trainer.model import head_config
+    from trainer.modeling import head_config
 
     set_seed(seed)
     auto = getattr(transformers, spec.task_type.auto_class)

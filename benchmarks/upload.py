@@ -4,10 +4,10 @@ Both against a real GCS API server (fake-gcs-server, as the tests run it) holdin
 Trainer checkpoint of the benchmark model (weights, optimizer, scheduler, RNG state):
 
 1. Step time: training steps of `MultitaskTrainer` with no upload, against the same steps while
-   `trainer.checkpointing.BackgroundCommitter` commits that checkpoint again and again (each
+   `trainer.checkpoints.callback.BackgroundCommitter` commits that checkpoint again and again (each
    commit a hard-link snapshot, as `CheckpointSync` makes them, pruned to the newest one), so a
    commit is in flight for the whole timed window. Every batch is padded to the same length.
-2. Throughput: `trainer.checkpoint_store.commit_checkpoint` (crc32c, create-only, parallel
+2. Throughput: `trainer.checkpoints.commits.commit_checkpoint` (crc32c, create-only, parallel
    uploads, manifest) of the checkpoint folder against a plain `blob.upload_from_filename` loop
    over the same files, with a plain `google-cloud-storage` client.
 """
@@ -93,7 +93,7 @@ class KeepCommitting(TrainerCallback):
         self.submitted = 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        from trainer.checkpointing import _Job, snapshot
+        from trainer.checkpoints.callback import _Job, snapshot
 
         if state.global_step >= self.start and self.committer.wait(timeout=0):
             self.submitted += 1
@@ -151,8 +151,8 @@ def make_checkpoint(setup: Setup, task, work: Path) -> Path:
 
 
 def step_times(setup: Setup, task, checkpoint: Path, work: Path, upload_cpus: list[int] | None = None) -> dict:
-    from trainer.checkpointing import BackgroundCommitter
-    from trainer.storage import open_store
+    from trainer.checkpoints.callback import BackgroundCommitter
+    from trainer.checkpoints.storage import open_store
 
     skip = setup.plan.warmup_steps
     steps = skip + setup.plan.timed_steps
@@ -213,9 +213,9 @@ def step_times(setup: Setup, task, checkpoint: Path, work: Path, upload_cpus: li
 
 def uploader(checkpoint: str, run: str, ready: str) -> None:
     """The other process of `run_elsewhere`: commit `checkpoint` over and over until terminated."""
-    from trainer.checkpoint_store import commit_checkpoint
-    from trainer.checkpointing import background_upload_workers
-    from trainer.storage import open_store
+    from trainer.checkpoints.callback import background_upload_workers
+    from trainer.checkpoints.commits import commit_checkpoint
+    from trainer.checkpoints.storage import open_store
 
     store = open_store(f"gs://{BUCKET}/elsewhere", retry_deadline=60)
     Path(ready).touch()
@@ -227,8 +227,8 @@ def uploader(checkpoint: str, run: str, ready: str) -> None:
 
 
 def throughput(setup: Setup, checkpoint: Path, server) -> dict:
-    from trainer.checkpoint_store import commit_checkpoint
-    from trainer.storage import open_store
+    from trainer.checkpoints.commits import commit_checkpoint
+    from trainer.checkpoints.storage import open_store
 
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
     size = folder_bytes(checkpoint)

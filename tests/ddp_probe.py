@@ -1,7 +1,7 @@
 """Train the tiny multitask job on every rank of a torchrun launch and record what each rank did.
 
-Run by tests/test_ddp.py as ``torchrun --nproc_per_node=2 tests/ddp_probe.py MODEL TASKS_FILE OUT``.
-It builds the job as `trainer.jobs.train` does (config, tasks, tokenizer, model, `MultitaskTrainer`)
+Run by tests/training/test_ddp.py as ``torchrun --nproc_per_node=2 tests/ddp_probe.py MODEL TASKS_FILE OUT``.
+It builds the job as `trainer.commands.train` does (config, tasks, tokenizer, model, `MultitaskTrainer`)
 and records, per rank, into OUT/rank<R>.json:
 
 - ``drawn``: every batch the multitask batch sampler handed the data loader (epoch, global indices);
@@ -71,9 +71,9 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
     import torch.distributed as dist
     from transformers import set_seed
 
-    from trainer import jobs
+    from trainer import commands
     from trainer.config import load_config
-    from trainer.model import MultitaskModel, load_encoder
+    from trainer.modeling import MultitaskModel, load_encoder
     from trainer.tasks import resolve_tasks
     from trainer.training import MultitaskTrainer, build_training_args
 
@@ -89,7 +89,7 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
         environ={}, env_file="",
     )
     args = build_training_args(cfg, precision="fp32")
-    # The arguments as `trainer.jobs.train` builds them: do they make this process a DDP rank?
+    # The arguments as `trainer.commands.train` builds them: do they make this process a DDP rank?
     as_built = {"world_size": args.world_size, "parallel_mode": str(args.parallel_mode)}
     launched = int(os.environ["WORLD_SIZE"])
     overridden = args.world_size != launched
@@ -108,11 +108,11 @@ def main(model_dir: str, tasks_file: str, out: str) -> NoReturn:
             return result
         return run
 
-    jobs.prepare_tasks = timed("read", jobs.prepare_tasks)
-    jobs.tokenize_tasks = timed("tokenize", jobs.tokenize_tasks)
-    specs, raw, tokenizer = jobs.load_data(cfg, resolve_tasks(cfg), args)
+    commands.prepare_tasks = timed("read", commands.prepare_tasks)
+    commands.tokenize_tasks = timed("tokenize", commands.tokenize_tasks)
+    specs, raw, tokenizer = commands.load_data(cfg, resolve_tasks(cfg), args)
     set_seed(cfg.seed)
-    tasks = jobs.tokenize_data(cfg, specs, raw, tokenizer, args)
+    tasks = commands.tokenize_data(cfg, specs, raw, tokenizer, args)
     model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
     initial = checksum(model.state_dict())
 

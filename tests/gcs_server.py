@@ -232,9 +232,9 @@ def gcs_server(monkeypatch: pytest.MonkeyPatch) -> FakeGcsServer:
 
 @pytest.fixture(params=["local", "gcs"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """A `trainer.storage.Store` on each back end: a local folder, then a
+    """A `trainer.checkpoints.storage.Store` on each back end: a local folder, then a
     prefix in the emulator's ``test-bucket`` (short retry deadline)."""
-    from trainer.storage import open_store
+    from trainer.checkpoints.storage import open_store
 
     if request.param == "local":
         return open_store(str(tmp_path / "local-store"))
@@ -245,7 +245,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 def tamper(store: Any, key: str, data: bytes) -> None:
     """Replace an object's bytes behind the Store's back (as a bad actor, a
     bug or bit rot would): through the GCS client, or the file directly."""
-    from trainer.storage import GcsStore, LocalStore
+    from trainer.checkpoints.storage import GcsStore, LocalStore
 
     if isinstance(store, GcsStore):
         bucket = store.client.bucket(store.bucket_name)

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from tests.gcs_server import PROJECT, TEST_BUCKET, free_port, reset_bucket
-from trainer.storage import GcsStore
+from trainer.checkpoints.storage import GcsStore
 
 TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "gcs-testbench"
 INSTALL_TIMEOUT = 300  # seconds for the tool: the first start pip-installs the testbench

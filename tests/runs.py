@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from trainer import checkpoint_store as cs
-from trainer.storage import open_store
+from trainer.checkpoints import commits as cs
+from trainer.checkpoints.storage import open_store
 
 RUN = "ckpt"
 TASKS = "demo_similarity,demo_entailment,demo_choice,demo_tags"

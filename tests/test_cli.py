@@ -85,10 +85,10 @@ def test_bad_flags_exit_2_with_one_line(cli, args, message):
 
 
 def test_command_parameters_keep_their_text(cli, monkeypatch):
-    from trainer import jobs
+    from trainer import commands
 
     seen = {}
-    monkeypatch.setattr(jobs, "predict", lambda cfg, task, input, output, checkpoint: seen.update(
+    monkeypatch.setattr(commands, "predict", lambda cfg, task, input, output, checkpoint: seen.update(
         task=task, input=input, output=output, checkpoint=checkpoint, run_name=cfg.run_name))
     code, _, err = cli("predict", "--task=1e3", "--input", "0x10.jsonl", "--output=a,b", "--checkpoint=007", "--run_name=1e3")
     assert (code, err) == (0, "")
@@ -96,10 +96,10 @@ def test_command_parameters_keep_their_text(cli, monkeypatch):
 
 
 def test_bool_command_parameters_parse_as_bools(cli, monkeypatch):
-    from trainer import jobs
+    from trainer import commands
 
     calls = []
-    monkeypatch.setattr(jobs, "pull", lambda cfg, which, task, dest, list_only: calls.append((which, list_only)))
+    monkeypatch.setattr(commands, "pull", lambda cfg, which, task, dest, list_only: calls.append((which, list_only)))
     for args, expected in ((["--list"], ("latest", True)), (["--list=false"], ("latest", False)),
                            (["--list=no", "--which=5"], ("5", False)), (["--which", "best", "--list", "yes"], ("best", True))):
         code, _, err = cli("pull", *args)

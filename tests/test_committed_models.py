@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, tiny_flags
-from trainer import checkpoint_store as cs
+from trainer.checkpoints import commits as cs
 
 RUN = "committed"
 CLI_ENV = {"OMP_NUM_THREADS": "1"}

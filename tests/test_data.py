@@ -329,7 +329,7 @@ def test_cli_a_ner_set_with_sentences_of_different_lengths_trains_evaluates_and_
     import random
 
     from tests.conftest import run_cli
-    from trainer.checkpoint_store import verify_local
+    from trainer.checkpoints.commits import verify_local
     from trainer.demo.generate import CATEGORIES
 
     rng = random.Random(3)

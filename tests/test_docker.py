@@ -157,8 +157,8 @@ def owned_by(folder: Path, uid: int) -> list[str]:
 
 
 def test_docker_local_train_commits_checkpoints_to_the_bucket(image, gcs_server, tmp_path):
-    from trainer.checkpoint_store import latest_valid_checkpoint, read_final, verify_checkpoint
-    from trainer.storage import open_store
+    from trainer.checkpoints.commits import latest_valid_checkpoint, read_final, verify_checkpoint
+    from trainer.checkpoints.storage import open_store
 
     outputs = tmp_path / "outputs"
     outputs.mkdir()

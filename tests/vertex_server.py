@@ -1,6 +1,6 @@
 """A local stand-in for the Vertex AI custom-jobs REST API (stdlib only).
 
-It serves the two calls `trainer.cloud` makes, as the real
+It serves the two calls `trainer.cloud.vertex` makes, as the real
 `google-cloud-aiplatform` REST transport sends them:
 
 - ``POST /v1/projects/P/locations/R/customJobs`` answers the body plus

@@ -15,11 +15,11 @@ import sys
 
 import fire
 
-from .checkpoint_store import CheckpointError, ResumeError
-from .cloud import CloudApiError, CloudConfigError, CloudJobFailed
+from .checkpoints.commits import CheckpointError, ResumeError
+from .checkpoints.storage import StorageError
+from .cloud.launch import LaunchError
+from .cloud.vertex import CloudApiError, CloudConfigError, CloudJobFailed
 from .config import BOOL_SETTINGS, FIELDS, ConfigError, describe_settings, load_config, parse_bool
-from .launch import LaunchError
-from .storage import StorageError
 from .tasks import TaskError
 
 _FLAG = re.compile(r"^--?[A-Za-z]")  # what fire takes for a flag (so "-1" is a value)
@@ -45,20 +45,20 @@ class Commands:
         Every setting is also a flag (`python -m trainer settings` lists them), e.g.
         python -m trainer train --tasks=stsb,rte --learning_rate=3e-5 --max_steps=1000
         """
-        from . import jobs
+        from . import commands
 
         cfg = load_config(self._flags(settings), env_file=env_file, demo=demo)
         _relaunch_under_torchrun_if_needed()
-        jobs.train(cfg)
+        commands.train(cfg)
 
     def evaluate(self, checkpoint: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
         """Evaluate a saved model (default: the run's final model) on each task's validation split.
 
         Example: python -m trainer evaluate --checkpoint=outputs/demo/checkpoint-400
         """
-        from . import jobs
+        from . import commands
 
-        jobs.evaluate(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint)
+        commands.evaluate(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint)
 
     def predict(self, task: str, input: str, output: str | None = None, checkpoint: str | None = None,
                 demo: bool = False, env_file: str | None = None, **settings):
@@ -68,9 +68,9 @@ class Commands:
         multiple choice, {"score"} for regression, {"tags"} for token classification.
         Example: python -m trainer predict --task=rte --input=pairs.jsonl --output=preds.jsonl
         """
-        from . import jobs
+        from . import commands
 
-        jobs.predict(load_config(self._flags(settings), env_file=env_file, demo=demo), task, input, output, checkpoint)
+        commands.predict(load_config(self._flags(settings), env_file=env_file, demo=demo), task, input, output, checkpoint)
 
     def export(self, checkpoint: str | None = None, output: str | None = None, task: str | None = None,
                demo: bool = False, env_file: str | None = None, **settings):
@@ -79,9 +79,9 @@ class Commands:
         The folder loads with AutoModelFor<type>.from_pretrained and transformers.pipeline, with no
         code from this project. Default output: <checkpoint>-export/<task>, beside the checkpoint (never inside a committed folder).
         """
-        from . import jobs
+        from . import commands
 
-        jobs.export(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint, output, task)
+        commands.export(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint, output, task)
 
     def pull(self, which: str = "latest", task: str | None = None, dest: str | None = None, list: bool = False,
              env_file: str | None = None, **settings):
@@ -91,15 +91,15 @@ class Commands:
         for from_pretrained.  --dest: target folder (default pulled/RUN/NAME).
         Reads CHECKPOINT_URI and RUN_NAME like `train`. Example: python -m trainer pull --task=rte
         """
-        from . import jobs
+        from . import commands
 
-        jobs.pull(load_config(self._flags(settings), env_file=env_file), which=str(which), task=task, dest=dest, list_only=list)
+        commands.pull(load_config(self._flags(settings), env_file=env_file), which=str(which), task=task, dest=dest, list_only=list)
 
     def create_bucket(self, env_file: str | None = None, **settings):
         """Create CHECKPOINT_URI's bucket in REGION (uniform bucket-level access) unless it exists."""
-        from . import jobs
+        from . import commands
 
-        jobs.create_bucket(load_config(self._flags(settings), env_file=env_file))
+        commands.create_bucket(load_config(self._flags(settings), env_file=env_file))
 
     def submit(self, dry_run: bool = False, wait: bool = False, env_file: str | None = None, **settings):
         """Submit the job to Vertex AI as a custom job running IMAGE_URI (what `make cloud-train` does).
@@ -111,12 +111,13 @@ class Commands:
         """
         import dataclasses
 
-        from . import cloud, trackers
+        from .cloud import vertex
+        from .training import trackers
 
         cfg = load_config(self._flags(settings), env_file=env_file)
         tracker_env = trackers.env_file_variables(cfg, trackers.named(cfg))  # WANDB_API_KEY, MLFLOW_TRACKING_URI…
         cfg = dataclasses.replace(cfg, run_name=cfg.resolved_run_name)  # the job and its restarts share one run
-        cloud.submit(cfg, {**tracker_env, **cfg.to_env()}, args=["train"], dry_run=dry_run, wait=wait)
+        vertex.submit(cfg, {**tracker_env, **cfg.to_env()}, args=["train"], dry_run=dry_run, wait=wait)
 
     def settings(self, get: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
         """List every setting with its default and meaning (env-file name = flag name in upper case).
@@ -139,7 +140,7 @@ def _relaunch_under_torchrun_if_needed() -> None:
     torchrun (one process per GPU, ranks from CLUSTER_SPEC or MASTER_ADDR/RANK/WORLD_SIZE)."""
     import os
 
-    from .launch import launch_argv
+    from .cloud.launch import launch_argv
 
     gpus = 0
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "":

@@ -32,8 +32,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("no", "steps", "epoch")
 MODEL_INITS = ("pretrained", "scratch")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we support (trainer.trackers)
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we support (trainer.training.trackers)
 RESUME_MODES = ("auto", "never")
+WORKDIR = ".trainer"  # the Trainer's scratch folder inside OUTPUT_DIR/<run>/
 
 # Variables that may sit in an env file beside our settings without being ours: credentials,
 # library knobs and the Vertex contract. Anything else unknown in an env file is a typo.
@@ -163,6 +164,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.resolved_run_name
+
+    @property
+    def work_dir(self) -> Path:
+        """The Trainer's own folder in the run folder: scratch, emptied at every start (see `checkpoints.callback`)."""
+        return self.run_dir / WORKDIR
 
     @property
     def store_uri(self) -> str:

@@ -1,7 +1,7 @@
-"""Loading, checking and tokenizing task data; collators and the multitask dataset.
+"""Loading, checking and tokenizing task data; the multitask dataset and collator.
 
-Everything type-specific is keyed by the task type's name in small tables, so a new task is
-a declaration in `tasks.py`, not code here. Checks run on the raw data before any model is
+What depends on the task type (label checks, encoding, collators) is the type's, called through
+``spec.task_type``: this module knows no type. Checks run on the raw data before any model is
 built, and every error names the task, the split and the column.
 """
 
@@ -12,7 +12,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,47 +258,6 @@ def check_columns(spec: TaskSpec, split: str, ds) -> None:
             )
 
 
-def _choices(spec: TaskSpec, row_or_batch: dict, i: int | None = None) -> list[str]:
-    col = spec.columns["choices"]
-    if isinstance(col, list):
-        values = [row_or_batch[c] if i is None else row_or_batch[c][i] for c in col]
-        return [str(v) for v in values]
-    value = row_or_batch[col] if i is None else row_or_batch[col][i]
-    if isinstance(value, dict):  # CommonsenseQA style: {"label": [...], "text": [...]}
-        value = value.get("text")
-    if not isinstance(value, list):
-        raise TaskError(f"task {spec.name!r}: column {col!r} must hold a list of choices (or {{text: [...]}}), got {type(value).__name__}")
-    return [str(v) for v in value]
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def _label_problem(spec: TaskSpec, col: str, value: Any, tokens: Any) -> str | None:
-    """What is wrong with one row's label, with the fix; None if nothing."""
-    if spec.type == "token_classification":
-        if value is None:
-            return f"no tags in column {col!r}; give every row a tag per token"
-        empty = next((k for k, tag in enumerate(value) if _missing(tag)), None)
-        if empty is not None:
-            return f"tag {empty + 1} in column {col!r} is empty; give every token a tag"
-        if len(tokens) != len(value):
-            return f"{len(tokens)} tokens but {len(value)} tags in column {col!r}; give every token exactly one tag"
-        return None
-    if _missing(value):
-        # A CSV/TSV row with a missing field reads as an empty last column.
-        return f"no label in column {col!r}; give the row its label or remove it (check for a missing field)"
-    if spec.type == "regression":
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return f"label {value!r} in column {col!r} is not a number; a regression target must be a number"
-        if not math.isfinite(number):
-            return f"label {value!r} in column {col!r} is not a finite number; fix the row or remove it"
-    return None
-
-
 def input_columns(spec: TaskSpec) -> list[tuple[str, str]]:
     """(role, column) of every declared column the model reads (all but the label)."""
     return [(role, col) for role, col in _column_names(spec) if role != "label"]
@@ -327,175 +285,42 @@ def check_values(spec: TaskSpec, split: str, ds) -> None:
     if missing is not None:
         row, col, role = missing
         raise TaskError(f"{_row(spec, split, row)}: no value in column {col!r} (role {role!r}); fill it in or remove the row")
-    col = spec.columns["label"]
-    tokens = ds[spec.columns["tokens"]] if spec.type == "token_classification" else None
-    for i, value in enumerate(ds[col]):
-        problem = _label_problem(spec, col, value, tokens[i] if tokens is not None else None)
-        if problem:
-            raise TaskError(f"{_row(spec, split, i)}: {problem}")
-
-
-def _label_values(spec: TaskSpec, ds) -> list[Any]:
-    col = spec.columns["label"]
-    if spec.type == "token_classification":  # a list of tags per row
-        return sorted({tag for tags in ds[col] for tag in tags}, key=_sort_key)
-    return ds.unique(col)
-
-
-def _label_feature_names(spec: TaskSpec, ds) -> list[str] | None:
-    feature = ds.features.get(spec.columns["label"])
-    inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for token tags
-    names = getattr(inner, "names", None)
-    return list(names) if names else None
-
-
-def _sort_key(v: Any) -> tuple:
-    return (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+    found = spec.task_type.first_label_problem(spec, ds)
+    if found is not None:
+        row, problem = found
+        raise TaskError(f"{_row(spec, split, row)}: {problem}")
 
 
 def resolve_labels(spec: TaskSpec, train_ds) -> TaskSpec:
-    """Fill in the label names from the declaration, the dataset's ClassLabel, or the train split.
+    """`spec` with its label names filled in from the declaration or the train split (the type's rule).
 
     Raises:
-        TaskError: num_labels disagrees with the labels found in the data; the train split holds
-            a single class (a classifier of one class has loss 0 and learns nothing), or a
-            multiple-choice task has fewer than two choices.
+        TaskError: the train split cannot define the labels (one class only, num_labels that
+            disagrees, too few choices: see the type's `resolve_labels`).
     """
-    if not spec.task_type.has_label_set:
-        return spec
-    where = f"task {spec.name!r}, split train"
-    if spec.type == "multiple_choice":
-        if spec.labels is not None:
-            return spec
-        n = len(_choices(spec, train_ds[0]))
-        if n < 2:
-            raise TaskError(f"{where}: {n} choice(s) per example in column {spec.columns['choices']!r}; "
-                            "multiple choice needs at least two")
-        return spec.with_labels([str(i) for i in range(n)])
-    present = _label_values(spec, train_ds)
-    if len(present) < 2:
-        only = present[0] if present else None
-        raise TaskError(f"{where}: every label in column {spec.columns['label']!r} is {only!r}; a classifier needs "
-                        "examples of at least two classes: add rows of the others (MAX_TRAIN_SAMPLES, if set, keeps the first rows only)")
-    if spec.labels is not None:
-        return spec
-    names = _label_feature_names(spec, train_ds)
-    if names is None:
-        names = [str(v) for v in sorted(set(_label_values(spec, train_ds)), key=_sort_key)]
-    if spec.num_labels is not None and spec.num_labels != len(names):
-        raise TaskError(
-            f"task {spec.name!r}, split train: num_labels={spec.num_labels} but column "
-            f"{spec.columns['label']!r} has {len(names)} distinct labels ({', '.join(names[:10])}); "
-            "fix num_labels or list the labels"
-        )
-    return spec.with_labels(names)
-
-
-def label_to_id(spec: TaskSpec, value: Any) -> int | None:
-    """Map a raw label (name or class index) to a class id; None if it is not in the label set."""
-    names = spec.labels or ()
-    text = str(value)
-    if text in names:
-        return names.index(text)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
-        return int(value)
-    if isinstance(value, float) and value.is_integer() and 0 <= value < len(names):
-        return int(value)
-    return None
+    return spec.task_type.resolve_labels(spec, train_ds)
 
 
 def check_labels(spec: TaskSpec, split: str, ds) -> None:
     """Check a split's labels against the resolved label set (after `check_values`).
 
     Raises:
-        TaskError: a label outside the label set, or examples with another number of choices.
+        TaskError: a label outside the label set, or one the type cannot take (see its `check_labels`).
     """
-    where = f"task {spec.name!r}, split {split}"
-    col = spec.columns["label"]
-    if spec.type == "regression":
-        return
-    bad = [v for v in _label_values(spec, ds) if label_to_id(spec, v) is None]
-    if bad:
-        raise TaskError(
-            f"{where}: label {bad[0]!r} in column {col!r} is not in the label set "
-            f"[{', '.join(spec.labels)}]; fix the data or add it to 'labels'"
-        )
-    if spec.type == "multiple_choice":
-        counts = {len(_choices(spec, ds[i])) for i in range(len(ds))}
-        if len(counts) != 1 or len(spec.labels) != next(iter(counts)):
-            raise TaskError(f"{where}: every example needs the same number of choices as 'labels' "
-                            f"({len(spec.labels)}); found {sorted(counts)}")
+    spec.task_type.check_labels(spec, split, ds)
 
 
 # ------------------------------------------------------------------------------ tokenization
-def _encode_sequence(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
-    texts = [str(t) for t in batch[spec.columns["text"]]]
-    pair_col = spec.columns.get("text_pair")
-    pairs = [str(t) for t in batch[pair_col]] if pair_col else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    if with_labels:
-        raw = batch[spec.columns["label"]]
-        enc["labels"] = [float(v) for v in raw] if spec.type == "regression" else [label_to_id(spec, v) for v in raw]
-    return dict(enc)
-
-
-def _encode_choices(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
-    n_rows = len(next(iter(batch.values())))
-    choices = [_choices(spec, batch, i) for i in range(n_rows)]
-    q_col = spec.columns.get("question")
-    firsts, seconds = [], []
-    for i, options in enumerate(choices):
-        question = str(batch[q_col][i]) if q_col else None
-        firsts.extend([question] * len(options) if question is not None else options)
-        seconds.extend(options if question is not None else [None] * len(options))
-    enc = tokenizer(firsts, seconds if q_col else None, truncation=True, max_length=max_length)
-    out: dict[str, list] = {}
-    for key, values in enc.items():
-        grouped, start = [], 0
-        for options in choices:
-            grouped.append(values[start : start + len(options)])
-            start += len(options)
-        out[key] = grouped
-    if with_labels:
-        out["labels"] = [label_to_id(spec, v) for v in batch[spec.columns["label"]]]
-    return out
-
-
-def _encode_tokens(spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
-    words = [[str(w) for w in seq] for seq in batch[spec.columns["tokens"]]]
-    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-    if with_labels:
-        all_labels = []
-        for i, tags in enumerate(batch[spec.columns["label"]]):
-            previous, row = None, []
-            for word in enc.word_ids(i):
-                # Label the first sub-token of each word; -100 (ignored by the loss) elsewhere.
-                row.append(-100 if word is None or word == previous else label_to_id(spec, tags[word]))
-                previous = word
-            all_labels.append(row)
-        enc["labels"] = all_labels
-    return dict(enc)
-
-
-ENCODERS = {
-    "classification": _encode_sequence,
-    "regression": _encode_sequence,
-    "multiple_choice": _encode_choices,
-    "token_classification": _encode_tokens,
-}
-
-
 def tokenize(spec: TaskSpec, ds, tokenizer, max_length: int, *, with_labels: bool = True):
     """Tokenize a split with `datasets.map` (batched, cached); keeps only model inputs and `labels`.
 
     Raises:
-        TaskError: a token-classification task with a tokenizer that cannot map words to tokens.
+        TaskError: a tokenizer the type cannot use (token classification needs a fast one).
     """
-    if spec.type == "token_classification" and not getattr(tokenizer, "is_fast", False):
-        raise TaskError(f"task {spec.name!r}: token classification needs a fast (Rust) tokenizer to align tags to words")
-    encode = ENCODERS[spec.type]
+    task_type = spec.task_type
+    task_type.check_tokenizer(spec, tokenizer)
     return ds.map(
-        lambda batch: encode(spec, batch, tokenizer, max_length, with_labels),
+        lambda batch: task_type.encode(spec, batch, tokenizer, max_length, with_labels),
         batched=True,
         remove_columns=ds.column_names,
         desc=f"Tokenizing {spec.name}",
@@ -509,14 +334,8 @@ def example_lengths(ds) -> np.ndarray:
 
 
 def make_collator(spec: TaskSpec, tokenizer, pad_to_multiple_of: int | None = None):
-    """Dynamic-padding collator for the task type (pads each batch to its longest example)."""
-    from transformers import DataCollatorForMultipleChoice, DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    if spec.type == "multiple_choice":
-        return DataCollatorForMultipleChoice(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    if spec.type == "token_classification":
-        return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    """The task type's dynamic-padding collator (pads each batch to its longest example)."""
+    return spec.task_type.collator(tokenizer, pad_to_multiple_of)
 
 
 # ------------------------------------------------------------------------------ per-task bundle

@@ -1,0 +1,227 @@
+"""Task declarations: name, type, data source, columns, labels and metrics, read into `TaskSpec`s.
+
+Adding a dataset means adding a declaration (a preset in `presets`, or an entry in a tasks
+file), never touching the data, model or metric code. Everything that depends on the task type
+is in its module under `types`, which `TaskSpec.task_type` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, not_utf8
+from .errors import TaskError
+from .metrics import METRICS
+from .presets import PRESETS
+from .types import TASK_TYPES, TaskType
+
+FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task. `columns` maps roles (text, text_pair, question, choices, tokens, label) to column names.
+
+    Data comes from `hub` (a Hub dataset id, with `hub_config` naming its configuration) or
+    `files` ({split: path}); `splits`
+    names the train/validation splits in that source.
+    """
+
+    name: str
+    type: str
+    columns: dict[str, Any]
+    hub: str | None = None
+    hub_config: str | None = None
+    files: dict[str, str] | None = None
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "validation": "validation"})
+    labels: tuple[str, ...] | None = None
+    num_labels: int | None = None
+    metrics: tuple[str, ...] = ()
+    batch_size: int | None = None
+    max_length: int | None = None
+
+    @property
+    def task_type(self) -> TaskType:
+        return TASK_TYPES[self.type]
+
+    @property
+    def primary_metric(self) -> str:
+        """The first listed metric: the task's one number in the macro average that picks the best checkpoint."""
+        return self.metrics[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        d["metrics"] = list(self.metrics)
+        return d
+
+    def with_labels(self, labels: list[str]) -> TaskSpec:
+        return dataclasses.replace(self, labels=tuple(labels), num_labels=len(labels))
+
+
+_SPEC_KEYS = {f.name for f in dataclasses.fields(TaskSpec)} | {"preset"}
+
+
+def _where(source: str, name: str) -> str:
+    return f"task {name!r} in {source}" if source else f"task {name!r}"
+
+
+def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None = None) -> TaskSpec:
+    """Validate one declaration (a dict from a tasks file or a preset) into a TaskSpec.
+
+    A declaration may start from a preset (`preset: rte`) and override any field; `columns`
+    overrides merge into the preset's. Relative file paths resolve against `base_dir`.
+
+    Raises:
+        TaskError: unknown key, type, metric, preset or column role; a bad source or label list.
+    """
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise TaskError(f"a task in {source or 'the task list'} has a bad or missing name {name!r}: use letters, digits, '_' or '-'")
+    where = _where(source, name)
+    unknown = sorted(set(raw) - _SPEC_KEYS)
+    if unknown:
+        raise TaskError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_SPEC_KEYS))}")
+    merged: dict[str, Any] = {}
+    if "preset" in raw:
+        if raw["preset"] not in PRESETS:
+            raise TaskError(f"{where}: unknown preset {raw['preset']!r}; presets: {', '.join(PRESETS)}")
+        merged = json.loads(json.dumps(PRESETS[raw["preset"]]))
+        if "files" in raw:
+            merged.pop("hub", None)
+            merged.pop("hub_config", None)
+    for key, value in raw.items():
+        if key == "columns" and isinstance(value, dict):
+            merged["columns"] = {**merged.get("columns", {}), **value}
+        elif key != "preset":
+            merged[key] = value
+    merged["name"] = name
+
+    type_name = merged.get("type")
+    if type_name not in TASK_TYPES:
+        raise TaskError(f"{where}: unknown task type {type_name!r}; use one of {', '.join(TASK_TYPES)}")
+    task_type = TASK_TYPES[type_name]
+
+    columns = merged.get("columns") or {}
+    if not isinstance(columns, dict):
+        raise TaskError(f"{where}: 'columns' must map roles to column names, e.g. {{text: sentence, label: label}}")
+    allowed = set(task_type.required_columns) | set(task_type.optional_columns)
+    bad_roles = sorted(set(columns) - allowed)
+    if bad_roles:
+        raise TaskError(f"{where}: column role(s) {', '.join(bad_roles)} do not apply to type {type_name}; "
+                        f"roles: {', '.join(sorted(allowed))}")
+    columns = {**{r: r for r in task_type.required_columns if r not in columns}, **columns}
+
+    hub, files = merged.get("hub"), merged.get("files")
+    if (hub is None) == (files is None):
+        raise TaskError(f"{where}: give exactly one data source: 'hub: dataset' (with 'hub_config') or 'files: {{train: path, validation: path}}'")
+    splits = {"train": "train", "validation": "validation", **(merged.get("splits") or {})}
+    if files is not None:
+        if not isinstance(files, dict) or "train" not in files:
+            raise TaskError(f"{where}: 'files' must map splits to paths and include 'train'")
+        resolved = {}
+        for split, path in files.items():
+            p = Path(path).expanduser()
+            if not p.is_absolute() and base_dir is not None:
+                # Absolute (normalized, links kept): a saved model keeps these paths, and `evaluate`
+                # may run in another folder than `train` did.
+                p = Path(os.path.abspath(base_dir / p))
+            if p.suffix.lower() not in FILE_FORMATS:
+                raise TaskError(f"{where}, split {split}: unsupported file type {p.name!r}; use {', '.join(FILE_FORMATS)}")
+            resolved[split] = str(p)
+        files = resolved
+        splits = {s: s for s in files}
+
+    labels = merged.get("labels")
+    num_labels = merged.get("num_labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels or len({str(x) for x in labels}) != len(labels):
+            raise TaskError(f"{where}: 'labels' must be a non-empty list of distinct label names")
+        if not task_type.has_label_set:
+            raise TaskError(f"{where}: type {type_name} predicts a number and takes no 'labels'")
+        labels = tuple(str(x) for x in labels)
+        if num_labels is not None and num_labels != len(labels):
+            raise TaskError(f"{where}: num_labels={num_labels} but {len(labels)} labels are listed; make them agree")
+    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
+        raise TaskError(f"{where}: num_labels must be a positive integer, got {num_labels!r}")
+    task_type.check_declaration(where, labels, num_labels)
+
+    metrics = tuple(merged.get("metrics") or task_type.default_metrics)
+    unknown_metrics = [m for m in metrics if m not in METRICS]
+    if unknown_metrics:
+        raise TaskError(f"{where}: unknown metric(s) {', '.join(unknown_metrics)}; available: {', '.join(METRICS)}")
+    foreign = [m for m in metrics if m not in task_type.metrics]
+    if foreign:
+        raise TaskError(f"{where}: metric(s) {', '.join(foreign)} do not apply to type {type_name}; "
+                        f"use {', '.join(task_type.metrics)}")
+
+    for key in ("batch_size", "max_length"):
+        value = merged.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise TaskError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+    return TaskSpec(
+        name=name, type=type_name, columns=columns, hub=hub, hub_config=merged.get("hub_config"), files=files, splits=splits, labels=labels,
+        num_labels=num_labels if num_labels is not None else task_type.default_num_labels(),
+        metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
+    )
+
+
+def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:
+    """Read a YAML or JSON tasks file: a list of declarations, or {tasks: [...]}.
+
+    Raises:
+        TaskError: the file is not UTF-8, does not parse, or a declaration is invalid.
+    """
+    path = Path(path)
+    problem = not_utf8(path)
+    if problem:
+        raise TaskError(f"tasks file {path} is not UTF-8 text ({problem}); save it as UTF-8")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parser error becomes one line
+        raise TaskError(f"tasks file {path} does not parse: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data = data.get("tasks")
+    if not isinstance(data, list):
+        raise TaskError(f"tasks file {path}: expected a list of tasks (or 'tasks: [...]')")
+    specs: dict[str, TaskSpec] = {}
+    for raw in data:
+        if not isinstance(raw, dict):
+            raise TaskError(f"tasks file {path}: every task must be a mapping, got {raw!r}")
+        spec = build_spec(raw, source=str(path), base_dir=path.parent)
+        if spec.name in specs:
+            raise TaskError(f"tasks file {path}: task {spec.name!r} is declared twice")
+        specs[spec.name] = spec
+    return specs
+
+
+def resolve_tasks(cfg: Config) -> list[TaskSpec]:
+    """The TaskSpecs named by TASKS, from TASKS_FILE first, then presets, in TASKS order.
+
+    Raises:
+        ConfigError: a name in TASKS is neither in the tasks file nor a preset.
+        TaskError: a declaration is invalid.
+    """
+    declared = read_tasks_file(cfg.tasks_file) if cfg.tasks_file else {}
+    specs = []
+    for name in cfg.tasks:
+        if name in declared:
+            specs.append(declared[name])
+        elif name in PRESETS:
+            specs.append(build_spec(PRESETS[name], source="presets"))
+        else:
+            known = sorted(set(declared) | set(PRESETS))
+            raise ConfigError(f"TASKS names unknown task {name!r}: declare it in TASKS_FILE or use one of {', '.join(known)}")
+    return specs

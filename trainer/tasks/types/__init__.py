@@ -1,0 +1,15 @@
+"""Task types, one module each, registered in `TASK_TYPES`: the only code that knows a type.
+
+Adding a type: a module here with a `TaskType` subclass (see `base`), one line in `TASK_TYPES`
+below, and its tests (tests/tasks/types/). Nothing else changes.
+"""
+
+from .base import TaskType
+from .classification import Classification
+from .multiple_choice import MultipleChoice
+from .regression import Regression
+from .token_classification import TokenClassification
+
+TASK_TYPES: dict[str, TaskType] = {t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification())}
+
+__all__ = ["TASK_TYPES", "TaskType"]

@@ -1,0 +1,237 @@
+"""The task-type interface, and what the types share.
+
+A task type is one module in this package holding one `TaskType` subclass: its column roles, the
+checks on its raw data, how a batch of rows becomes model inputs, its collator, its head, how the
+head's outputs become predictions, scores and `predict` lines, and its metrics. The rest of the
+package calls these methods through ``spec.task_type`` and never compares a type's name.
+Helpers here (`label_to_id`, `encode_text_pairs`, `LabelSetType`) are shared by several types.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import metrics as metric_fns
+from ..errors import TaskError
+
+if TYPE_CHECKING:
+    from ..spec import TaskSpec
+
+
+def missing(value: Any) -> bool:
+    """No value: None, or a string of blanks (a CSV/TSV row with a missing field reads as '')."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def sort_key(value: Any) -> tuple:
+    """Numbers in numeric order before strings in text order: how labels found in data are listed."""
+    return (0, float(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0.0, str(value))
+
+
+def label_to_id(spec: TaskSpec, value: Any) -> int | None:
+    """Map a raw label (name or class index) to a class id; None if it is not in the label set."""
+    names = spec.labels or ()
+    text = str(value)
+    if text in names:
+        return names.index(text)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(names):
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and 0 <= value < len(names):
+        return int(value)
+    return None
+
+
+def logits_of(predictions):
+    """The logits array of a prediction: `MultitaskModel.forward` returns only the loss and the
+    logits; a tuple (a model that returns more outputs) still has the logits first."""
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+def encode_text_pairs(spec: TaskSpec, batch: dict, tokenizer, max_length: int) -> dict:
+    """Tokenize the `text` column, with `text_pair` as the second segment when declared."""
+    texts = [str(t) for t in batch[spec.columns["text"]]]
+    pair_col = spec.columns.get("text_pair")
+    pairs = [str(t) for t in batch[pair_col]] if pair_col else None
+    return dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
+
+
+class TaskType:
+    """One task type. Subclasses set the class attributes and implement `encode`,
+    `configure_head` and `prediction_rows`; the other methods have the defaults of a task with one
+    label per row."""
+
+    name: str
+    required_columns: tuple[str, ...]  # column roles every declaration has (`label` included)
+    optional_columns: tuple[str, ...] = ()
+    auto_class: str  # the transformers Auto class of the head and of the standalone export
+    pipeline: str | None = None  # transformers.pipeline task of the exported model, if any
+    has_label_set: bool = True  # classes (True) or a real-valued score (False)
+    metrics: tuple[str, ...]  # the metrics that apply (tasks.metrics names)
+    default_metrics: tuple[str, ...]
+    tokenizer_kwargs: dict[str, Any] = {}  # what the tokenizer must be loaded with for this type
+
+    # ---------------------------------------------------------------- the declaration
+    def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
+        """Refuse a label declaration this type cannot take (raises TaskError, `where` first)."""
+
+    def default_num_labels(self) -> int | None:
+        """num_labels when the declaration gives none (None: read from the data)."""
+        return None
+
+    # ---------------------------------------------------------------- raw data
+    def label_problem(self, spec: TaskSpec, col: str, value: Any) -> str | None:
+        """What is wrong with one row's label, with the fix; None if nothing."""
+        if missing(value):
+            return f"no label in column {col!r}; give the row its label or remove it (check for a missing field)"
+        return None
+
+    def first_label_problem(self, spec: TaskSpec, ds) -> tuple[int, str] | None:
+        """(row, problem) of the first row whose label is unusable, before the label set is known."""
+        col = spec.columns["label"]
+        for i, value in enumerate(ds[col]):
+            problem = self.label_problem(spec, col, value)
+            if problem:
+                return i, problem
+        return None
+
+    def label_values(self, spec: TaskSpec, ds) -> list[Any]:
+        """The distinct raw labels of a split."""
+        return ds.unique(spec.columns["label"])
+
+    def resolve_labels(self, spec: TaskSpec, train_ds) -> TaskSpec:
+        """`spec` with its label names filled in from the train split (see `LabelSetType`)."""
+        return spec
+
+    def check_labels(self, spec: TaskSpec, split: str, ds) -> None:
+        """Check a split's labels against the resolved label set (raises TaskError)."""
+
+    # ---------------------------------------------------------------- encoding
+    def check_tokenizer(self, spec: TaskSpec, tokenizer) -> None:
+        """Refuse a tokenizer this type cannot use (raises TaskError)."""
+
+    def encode(self, spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
+        """Model inputs (and `labels` when `with_labels`) for a batch of raw rows (column -> values)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """The dynamic-padding collator of this type's encoded examples."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    def placeholder_labels(self, spec: TaskSpec, ds):
+        """`ds` (inputs to predict) with a placeholder label per row, so batching is as in training."""
+        first = spec.labels[0] if spec.labels else 0.0
+        return ds.add_column(spec.columns["label"], [first] * len(ds))
+
+    # ---------------------------------------------------------------- the head
+    def configure_head(self, cfg, spec: TaskSpec) -> None:
+        """Set the head's labels and problem type on `cfg` (a copy of the backbone's config)."""
+        raise NotImplementedError
+
+    def head_class(self):
+        """The transformers Auto class (`auto_class`) that builds this type's head and its export."""
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def head_config(self, encoder_config, spec: TaskSpec):
+        """The backbone's config with the task's labels and problem type: the head's config."""
+        cfg = copy.deepcopy(encoder_config)
+        self.configure_head(cfg, spec)
+        cfg.finetuning_task = spec.name
+        cfg.architectures = None
+        return cfg
+
+    # ---------------------------------------------------------------- outputs
+    def num_labels(self, spec: TaskSpec) -> int | None:
+        """The label count that label-set metrics (f1) depend on; None without a label set."""
+        return len(spec.labels) if self.has_label_set and spec.labels else None
+
+    def decode(self, spec: TaskSpec, logits, label_ids=None):
+        """Predictions from the head's logits: class ids by default."""
+        return np.asarray(logits_of(logits)).argmax(-1)
+
+    def score(self, spec: TaskSpec, logits, label_ids) -> dict[str, float]:
+        """The task's metrics on one split."""
+        pred = self.decode(spec, logits, label_ids)
+        ref = np.asarray(label_ids).reshape(-1)
+        return {name: metric_fns.compute(name, pred, ref, self.num_labels(spec)) for name in spec.metrics}
+
+    def references(self, label_ids) -> np.ndarray:
+        """The split's labels as one flat array (what a constant guess is scored against)."""
+        return np.asarray(label_ids).reshape(-1)
+
+    def chance(self, spec: TaskSpec, label_ids) -> dict[str, float]:
+        """What the best constant guess scores on this split, per metric."""
+        ref = self.references(label_ids)
+        return {name: metric_fns.chance_level(name, ref, self.num_labels(spec)) for name in spec.metrics}
+
+    def prediction_rows(self, spec: TaskSpec, logits, label_ids) -> list[dict[str, Any]]:
+        """One JSON object per input, as `predict` writes them."""
+        raise NotImplementedError
+
+
+class LabelSetType(TaskType):
+    """A type whose labels are classes: names declared, or read from the train split."""
+
+    def label_feature_names(self, spec: TaskSpec, ds) -> list[str] | None:
+        """The class names of the label column's ClassLabel feature (Hub datasets), if any."""
+        feature = ds.features.get(spec.columns["label"])
+        inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for token tags
+        names = getattr(inner, "names", None)
+        return list(names) if names else None
+
+    def resolve_labels(self, spec: TaskSpec, train_ds) -> TaskSpec:
+        """Fill in the label names from the declaration, the dataset's ClassLabel, or the train split.
+
+        Raises:
+            TaskError: num_labels disagrees with the labels found in the data, or the train split
+                holds a single class (a classifier of one class has loss 0 and learns nothing).
+        """
+        where = f"task {spec.name!r}, split train"
+        present = self.label_values(spec, train_ds)
+        if len(present) < 2:
+            only = present[0] if present else None
+            raise TaskError(f"{where}: every label in column {spec.columns['label']!r} is {only!r}; a classifier needs "
+                            "examples of at least two classes: add rows of the others (MAX_TRAIN_SAMPLES, if set, keeps the first rows only)")
+        if spec.labels is not None:
+            return spec
+        names = self.label_feature_names(spec, train_ds)
+        if names is None:
+            names = [str(v) for v in sorted(set(present), key=sort_key)]
+        if spec.num_labels is not None and spec.num_labels != len(names):
+            raise TaskError(
+                f"{where}: num_labels={spec.num_labels} but column {spec.columns['label']!r} has {len(names)} distinct "
+                f"labels ({', '.join(names[:10])}); fix num_labels or list the labels"
+            )
+        return spec.with_labels(names)
+
+    def check_labels(self, spec: TaskSpec, split: str, ds) -> None:
+        """Raises TaskError: a label outside the label set."""
+        bad = [v for v in self.label_values(spec, ds) if label_to_id(spec, v) is None]
+        if bad:
+            raise TaskError(
+                f"task {spec.name!r}, split {split}: label {bad[0]!r} in column {spec.columns['label']!r} is not in the "
+                f"label set [{', '.join(spec.labels)}]; fix the data or add it to 'labels'"
+            )
+
+    def configure_head(self, cfg, spec: TaskSpec) -> None:
+        labels = list(spec.labels or [])
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {label: i for i, label in enumerate(labels)}
+        cfg.problem_type = None  # the head's own loss for its shape
+
+    def prediction_rows(self, spec: TaskSpec, logits, label_ids) -> list[dict[str, Any]]:
+        """`{"label", "index", "probabilities"}` per input."""
+        from scipy.special import softmax
+
+        rows = []
+        for p in softmax(np.asarray(logits_of(logits), dtype=np.float64), axis=-1):
+            k = int(p.argmax())
+            rows.append({"label": spec.labels[k], "index": k, "probabilities": [round(float(x), 6) for x in p]})
+        return rows
