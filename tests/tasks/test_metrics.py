@@ -1,17 +1,22 @@
 """trainer.tasks.metrics: every metric on known values, its edge cases, and its chance level.
 
-Expected values are worked out by hand from the definitions, not read back from scikit-learn.
+Expected values are worked out by hand from the definitions, not read back from scikit-learn,
+sacrebleu or rouge-score.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from trainer.tasks.metrics import METRICS, chance_level, compute
+from tests.conftest import ROOT
+from trainer.tasks.metrics import CLASS_METRICS, GENERATION_METRICS, METRICS, chance_level, compute, generation_chance
 
 # Every metric of trainer.tasks.metrics must have a test here: a new one fails this until it gets one.
-TESTED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "entity_f1"}
+TESTED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "entity_f1", "exact_match", "chrf", "bleu", "rougeL"}
 
 
 def test_every_metric_is_tested_here():
@@ -112,7 +117,7 @@ def test_entity_f1_spans_follow_conlleval():
 
 def test_unknown_metric_is_a_key_error():
     with pytest.raises(KeyError):
-        compute("bleu", [0], [0])
+        compute("meteor", [0], [0])
 
 
 # ------------------------------------------------------------------------------ chance levels
@@ -133,3 +138,134 @@ def test_chance_of_f1_is_the_majority_guess_scored_on_the_task_labels():
 @pytest.mark.parametrize("name", ["matthews_correlation", "pearson", "spearmanr", "entity_f1"])
 def test_chance_of_correlations_and_entity_f1_is_zero(name):
     assert chance_level(name, [0, 1, 1]) == 0.0
+
+
+# ------------------------------------------------------------------------------ generated texts
+def test_generation_metrics_are_the_text_metrics():
+    assert GENERATION_METRICS == {"exact_match", "chrf", "bleu", "rougeL"} and GENERATION_METRICS <= set(METRICS)
+    assert not GENERATION_METRICS & CLASS_METRICS
+
+
+def test_exact_match_collapses_whitespace_and_keeps_case():
+    pred = ["Paris", " Paris\n", "paris", "New  York", "New\tYork", "New York City"]
+    ref = ["Paris", "Paris", "Paris", "New York", "New York", "New York"]
+    # equal once whitespace is collapsed: rows 1, 2, 4, 5; "paris" (case) and "New York City" are not
+    assert compute("exact_match", pred, ref) == pytest.approx(4 / 6)
+    assert compute("exact_match", ["", " "], ["", ""]) == 1.0  # an empty answer can be right
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION_METRICS))
+def test_generation_metrics_of_identical_and_disjoint_texts(name):
+    same = ["the cat sat on the mat", "a dog ran across the road today"]
+    assert compute(name, same, same) == pytest.approx(1.0)  # 0-1, not sacrebleu's 0-100
+    assert compute(name, ["xyz qqq vvv www", "kkk jjj"], same) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION_METRICS))
+def test_generation_metrics_of_no_rows_are_zero(name):
+    assert compute(name, [], []) == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION_METRICS))
+def test_generation_metrics_need_one_prediction_per_reference(name):
+    with pytest.raises(ValueError, match="1 predictions for 2 references"):
+        compute(name, ["a b c d"], ["a b c d", "e f g h"])
+
+
+def test_chrf_is_the_corpus_f2_of_character_ngrams():
+    # "abc" against "abd": 1-grams 2 of 3 match (P = R = 2/3), 2-grams 1 of 2 (1/2), 3-grams 0 of 1;
+    # P and R averaged over the 3 orders both present: 7/18 each, so F2 = 7/18.
+    assert compute("chrf", ["abc"], ["abd"]) == pytest.approx(7 / 18)
+    # "ab" against "abc": P = (1 + 1) / 2 = 1, R = (2/3 + 1/2) / 2 = 7/12 (no 3-gram predicted):
+    # F2 = 5PR / (4P + R) = 7/11, recall weighs more.
+    assert compute("chrf", ["ab"], ["abc"]) == pytest.approx(7 / 11)
+    # Both as one corpus: counts summed over rows, not a mean of the two scores.
+    # 1-grams 4/5 predicted, 4/6 reference; 2-grams 2/3, 2/4; 3-grams 0/1, 0/2.
+    p, r = (4 / 5 + 2 / 3 + 0) / 3, (4 / 6 + 2 / 4 + 0) / 3
+    assert compute("chrf", ["abc", "ab"], ["abd", "abc"]) == pytest.approx(5 * p * r / (4 * p + r))
+    assert compute("chrf", ["a b c"], ["abc"]) == pytest.approx(1.0)  # whitespace is not a character n-gram
+
+
+def test_bleu_is_the_geometric_mean_of_ngram_precisions():
+    # "the cat sat on the mat" against "the cat sat on a mat" (6 words each, brevity penalty 1):
+    # 1-grams 5/6 (one "the" clipped), 2-grams 3/5, 3-grams 2/4, 4-grams 1/3 -> (1/12) ** (1/4).
+    assert compute("bleu", ["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx((1 / 12) ** 0.25)
+    # 4 of 6 words: every n-gram precision 1, brevity penalty exp(1 - 6/4).
+    assert compute("bleu", ["the cat sat on"], ["the cat sat on a mat"]) == pytest.approx(np.exp(1 - 6 / 4))
+    assert compute("bleu", ["the cat sat"], ["the cat sat on a mat"]) == 0.0  # no 4-gram predicted at all
+
+
+def test_bleu_of_answers_shorter_than_four_words_is_zero():
+    assert compute("bleu", ["yes", "New York"], ["yes", "New York"]) == 0.0  # why short answers use exact_match or chrf
+
+
+def test_rouge_l_is_the_mean_lcs_f_measure_with_stemming():
+    # "cats" stems to "cat": common subsequence the cat sat on mat = 5 of 6 words each way -> F 5/6
+    # (4/6 without the stemmer); the second row shares no word -> 0.
+    pred, ref = ["the cats sat on the mat", "hello"], ["the cat sat on a mat", "goodbye"]
+    assert compute("rougeL", pred, ref) == pytest.approx((5 / 6 + 0) / 2)
+    # subsequence, not substring: "a b c d" against "a x b y c": LCS a b c, P 3/4, R 3/5 -> F 2/3
+    assert compute("rougeL", ["a b c d"], ["a x b y c"]) == pytest.approx(2 / 3)
+    assert compute("rougeL", ["The Cat, sat!"], ["the cat sat"]) == 1.0  # lowercased, punctuation dropped
+    assert compute("rougeL", ["日本語"], ["日本語"]) == 0.0  # outside a-z0-9 nothing is a token (documented)
+
+
+def test_modules_import_neither_sacrebleu_nor_rouge_score():
+    code = ("import sys, trainer.tasks.metrics; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('sacrebleu', 'rouge_score', 'nltk', 'absl')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generation_metrics_need_no_network_and_no_nltk_data():
+    # Sockets refuse to connect and NLTK finds no data: a download or a data lookup fails the run.
+    code = ("import socket, sys\n"
+            "def refuse(*a, **k): raise OSError('no network in this test')\n"
+            "socket.socket.connect = socket.create_connection = refuse\n"
+            "import nltk; nltk.data.path[:] = []\n"
+            "from trainer.tasks.metrics import GENERATION_METRICS, compute\n"
+            "for name in sorted(GENERATION_METRICS):\n"
+            "    print(name, compute(name, ['the cats sat on the mat'], ['the cat sat on a mat']))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    scores = dict(line.split() for line in result.stdout.splitlines())
+    assert set(scores) == GENERATION_METRICS and float(scores["rougeL"]) == pytest.approx(5 / 6)
+
+
+# ------------------------------------------------------------------------------ chance of generated texts
+def test_generation_chance_without_prompts_is_the_better_of_empty_and_majority_outputs():
+    # The majority answer "yes" (whitespace collapsed) on every row: 3 of 4.
+    assert generation_chance("exact_match", ["yes", "no", "yes", " yes "]) == 0.75
+    assert generation_chance("exact_match", ["", "", "a"]) == pytest.approx(2 / 3)  # empty answers are right
+    # Every reference differs: no majority answer, and an empty output scores 0.
+    assert generation_chance("exact_match", ["a", "b", "c"]) == 0.0
+    assert generation_chance("rougeL", ["the cat sat on the mat", "a dog ran"]) == 0.0
+    # A repeated reference on every row: ROUGE-L 1 on two rows, 0 on the third.
+    assert generation_chance("rougeL", ["a dog ran", "the cat sat", "a dog ran"]) == pytest.approx(2 / 3)
+    assert generation_chance("bleu", []) == 0.0
+
+
+def test_generation_chance_with_prompts_counts_copying_the_prompt():
+    refs = ["the cat sat on the mat", "a dog ran"]
+    prompts = ["the cat sat on the mat today", "a dog ran off"]
+    # Copying: row 1 LCS 6, P 6/7, R 1 -> F 12/13; row 2 LCS 3, P 3/4, R 1 -> F 6/7.
+    assert generation_chance("rougeL", refs, prompts) == pytest.approx((12 / 13 + 6 / 7) / 2)
+    assert generation_chance("rougeL", refs, ["x", "y"]) == 0.0  # a prompt that shares nothing adds nothing
+    # Where copying scores less than the majority answer, the majority stays the chance level.
+    assert generation_chance("exact_match", ["yes", "yes", "no"], ["Is it?", "Is it?", "Is it?"]) == pytest.approx(2 / 3)
+
+
+def test_generation_chance_refuses_other_metrics_and_unmatched_prompts():
+    with pytest.raises(ValueError, match="not a generation metric.*chance_level"):
+        generation_chance("accuracy", ["a"])
+    with pytest.raises(KeyError):
+        generation_chance("meteor", ["a"])
+    with pytest.raises(ValueError, match="1 prompts for 2 references"):
+        generation_chance("chrf", ["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION_METRICS))
+def test_chance_level_of_a_generation_metric_points_to_generation_chance(name):
+    with pytest.raises(ValueError, match="generation_chance"):
+        chance_level(name, ["a", "b"])

@@ -1,13 +1,15 @@
-"""Task metrics computed locally with numpy, scipy and scikit-learn.
+"""Task metrics computed locally with numpy, scipy, scikit-learn, sacrebleu and rouge-score.
 
 `evaluate` fetches metric code from the Hugging Face Hub at run time, which an offline job
 cannot do, so the standard GLUE-style metrics are computed here. Each metric takes
 ``(predictions, references, num_labels)``: predictions and references already decoded (class
-ids, scores, or per-sentence tag lists) and the task's number of labels (None for
-regression). A metric that depends on the label set takes it from `num_labels`, never from the
-classes that happen to be in the data, so its definition is the same at every evaluation. Each
-also has a chance level: what a constant guess scores on the same references, so a log can say
-whether a model learned anything.
+ids, scores, per-sentence tag lists, or texts) and the task's number of labels (None for
+regression and generation). A metric that depends on the label set takes it from `num_labels`,
+never from the classes that happen to be in the data, so its definition is the same at every
+evaluation. Every metric is on one scale, 0 to 1 (the correlations -1 to 1): the macro average
+mixes the tasks' metrics, and a metric counts as learned at a fixed margin above its chance
+level. Each also has a chance level: what a constant guess scores on the same references, so a
+log can say whether a model learned anything (`chance_level`; `generation_chance` for texts).
 """
 
 from __future__ import annotations
@@ -85,6 +87,91 @@ def _entity_f1(pred: Sequence[Sequence[str]], ref: Sequence[Sequence[str]], num_
     return 2 * precision * recall / (precision + recall)
 
 
+# ------------------------------------------------------------------------------ generated texts
+# Predictions and references are lists of strings, one prediction per reference. sacrebleu and
+# rouge-score are imported where they are used: importing this module must not pull them (nor
+# NLTK, which rouge-score imports).
+
+
+def _texts(pred: Sequence[str], ref: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`pred` and `ref` as lists of strings.
+
+    Raises:
+        ValueError: a different number of predictions and references (sacrebleu would score the
+            pairs it can make and not say so).
+    """
+    pred, ref = list(pred), list(ref)
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predictions for {len(ref)} references; a generation metric needs one prediction per reference")
+    return pred, ref
+
+
+def _collapse_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _exact_match(pred: Sequence[str], ref: Sequence[str], num_labels: int | None = None) -> float:
+    """Share of predictions equal to their reference, on 0-1, after stripping surrounding
+    whitespace and collapsing inner runs of whitespace to one space (a generated answer often ends
+    in a newline or doubles a space); case and punctuation count.
+
+    Raises:
+        ValueError: as `_texts`.
+    """
+    pred, ref = _texts(pred, ref)
+    if not ref:
+        return 0.0
+    return sum(_collapse_whitespace(p) == _collapse_whitespace(r) for p, r in zip(pred, ref)) / len(ref)
+
+
+def _chrf(pred: Sequence[str], ref: Sequence[str], num_labels: int | None = None) -> float:
+    """Corpus chrF (character 6-grams, beta 2: recall weighs more) with sacrebleu's defaults, on
+    0-1: sacrebleu's 0-100 score / 100. It needs no word boundaries, so it also suits short
+    answers and languages that BLEU and ROUGE tokenize badly.
+
+    Raises:
+        ValueError: as `_texts`.
+    """
+    from sacrebleu.metrics import CHRF
+
+    pred, ref = _texts(pred, ref)
+    return CHRF().corpus_score(pred, [ref]).score / 100 if ref else 0.0
+
+
+def _bleu(pred: Sequence[str], ref: Sequence[str], num_labels: int | None = None) -> float:
+    """Corpus BLEU with sacrebleu's defaults (13a tokenizer, case kept, exponential smoothing), on
+    0-1: sacrebleu's 0-100 score / 100, so a published sacreBLEU score reads here divided by 100.
+    It counts word n-grams up to 4: a corpus in which no prediction has 4 words scores 0 however
+    right it is (exact_match or chrf suit short answers).
+
+    Raises:
+        ValueError: as `_texts`.
+    """
+    from sacrebleu.metrics import BLEU
+
+    pred, ref = _texts(pred, ref)
+    return BLEU().corpus_score(pred, [ref]).score / 100 if ref else 0.0
+
+
+def _rouge_l(pred: Sequence[str], ref: Sequence[str], num_labels: int | None = None) -> float:
+    """Mean ROUGE-L F-measure (longest common word subsequence) over the rows, on 0-1, from
+    rouge-score with its Porter stemmer, as the transformers summarization example and the
+    published summarization scores use it ("cats" matches "cat"). Its tokenizer lowercases and
+    keeps only a-z and 0-9: text in another script scores 0 (use chrf there). The stemmer is
+    rule-based and needs no NLTK data.
+
+    Raises:
+        ValueError: as `_texts`.
+    """
+    from rouge_score import rouge_scorer
+
+    pred, ref = _texts(pred, ref)
+    if not ref:
+        return 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(pred, ref)) / len(ref)
+
+
 METRICS: dict[str, Callable] = {
     "accuracy": _accuracy,
     "f1": _f1,
@@ -92,21 +179,28 @@ METRICS: dict[str, Callable] = {
     "pearson": _correlation("pearson"),
     "spearmanr": _correlation("spearman"),
     "entity_f1": _entity_f1,
+    "exact_match": _exact_match,
+    "chrf": _chrf,
+    "bleu": _bleu,
+    "rougeL": _rouge_l,
 }
 
-# Metrics that compare class ids (the others compare scores or tag sequences).
+# Metrics that compare class ids (the others compare scores, tag sequences or texts).
 CLASS_METRICS = {"accuracy", "f1", "matthews_correlation"}
+# Metrics that compare a generated text with a reference text (lists of strings).
+GENERATION_METRICS = {"exact_match", "chrf", "bleu", "rougeL"}
 
 
 def compute(name: str, predictions, references, num_labels: int | None = None) -> float:
-    """Compute metric `name`; `num_labels` is the task's number of labels (None for regression).
+    """Compute metric `name`; `num_labels` is the task's number of labels (None for regression and generation).
 
     Raises:
         KeyError: an unknown metric name.
-        ValueError: a metric that depends on the label set (f1) without `num_labels`.
+        ValueError: a metric that depends on the label set (f1) without `num_labels`; a generation
+            metric with a different number of predictions and references.
     """
     fn = METRICS[name]
-    if name == "entity_f1":
+    if name == "entity_f1" or name in GENERATION_METRICS:
         return fn(predictions, references, num_labels)
     return fn(np.asarray(predictions), np.asarray(references), num_labels)
 
@@ -115,8 +209,12 @@ def chance_level(name: str, references, num_labels: int | None = None) -> float:
     """Score of the best constant guess (majority class, or no correlation) on `references`.
 
     Raises:
-        ValueError: as `compute`.
+        ValueError: as `compute`; a generation metric, whose chance depends on the prompts as well
+            (see `generation_chance`): a chance level from the references alone could be too low
+            and call a model that copies its input learned.
     """
+    if name in GENERATION_METRICS:
+        raise ValueError(f"{name} is a generation metric: its chance level is generation_chance(name, references, prompts)")
     if name in ("pearson", "spearmanr", "matthews_correlation", "entity_f1"):
         return 0.0
     ref = np.asarray(references)
@@ -124,3 +222,35 @@ def chance_level(name: str, references, num_labels: int | None = None) -> float:
         return 0.0
     majority = Counter(ref.tolist()).most_common(1)[0][0]
     return compute(name, np.full_like(ref, majority), ref, num_labels)
+
+
+def generation_chance(name: str, references: Sequence[str], prompts: Sequence[str] | None = None) -> float:
+    """What a model that learned nothing scores with generation metric `name` on `references`:
+    the best of an empty text on every row; the most frequent reference (whitespace collapsed) on
+    every row, when one occurs more than once: the majority guess of a task whose answers are a
+    few fixed words (where every reference differs, this would only win one row by picking its
+    answer); and, when `prompts` (one per reference) are given, each row's prompt copied, which
+    scores well where the output shares many words with the input (a summary, a paraphrase, a
+    correction). 0.0 without references.
+
+    Raises:
+        KeyError: an unknown metric name.
+        ValueError: a metric that is not a generation metric (see `chance_level`), or a different
+            number of prompts and references.
+    """
+    if name not in METRICS:
+        raise KeyError(name)
+    if name not in GENERATION_METRICS:
+        raise ValueError(f"{name} is not a generation metric: its chance level is chance_level(name, references, num_labels)")
+    references = list(references)
+    if prompts is not None and len(prompts) != len(references):
+        raise ValueError(f"{len(prompts)} prompts for {len(references)} references; give one prompt per reference")
+    if not references:
+        return 0.0
+    guesses = [[""] * len(references)]
+    [(majority, count)] = Counter(_collapse_whitespace(r) for r in references).most_common(1)
+    if count > 1:
+        guesses.append([majority] * len(references))
+    if prompts is not None:
+        guesses.append(list(prompts))
+    return max(compute(name, guess, references) for guess in guesses)
