@@ -8,8 +8,9 @@ regression and generation). A metric that depends on the label set takes it from
 never from the classes that happen to be in the data, so its definition is the same at every
 evaluation. Every metric is on one scale, 0 to 1 (the correlations -1 to 1): the macro average
 mixes the tasks' metrics, and a metric counts as learned at a fixed margin above its chance
-level. Each also has a chance level: what a constant guess scores on the same references, so a
-log can say whether a model learned anything (`chance_level`; `generation_chance` for texts).
+level. Each also has a chance level: what a constant guess (for texts, also a copy of the
+prompt) scores on the same references, so a log can say whether a model learned anything
+(`chance_level`; `generation_chance` for texts).
 """
 
 from __future__ import annotations
