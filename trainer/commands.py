@@ -30,7 +30,16 @@ from .data import (
     source_line,
     tokenize,
 )
-from .modeling import MULTITASK_FILE, MultitaskModel, check_max_length, encoder_config, load_encoder
+from .modeling import (
+    MULTITASK_FILE,
+    MultitaskModel,
+    check_backbone,
+    check_max_length,
+    encoder_config,
+    fit_backbone,
+    load_encoder,
+    prepare_tokenizer,
+)
 from .tasks import TaskError, TaskSpec, resolve_tasks
 from .training import (
     MACRO_METRIC,
@@ -38,7 +47,6 @@ from .training import (
     NonFiniteLoss,
     add_early_stopping,
     build_training_args,
-    chance_scores,
     check_task_mixing,
     resolve_precision,
     sampling_plan,
@@ -59,13 +67,16 @@ def setup_logging() -> None:
     transformers.logging.set_verbosity_warning()
 
 
-def load_tokenizer(name: str, specs: list[TaskSpec]):
+def load_tokenizer(name: str, specs: list[TaskSpec], special_tokens: list[str] = ()):
+    """The tokenizer as the tasks need it: their types' loading options (pre-split words:
+    add_prefix_space), SPECIAL_TOKENS and the tasks' own special tokens added, a pad token."""
     from transformers import AutoTokenizer
 
     kwargs = {}
-    for spec in specs:  # what the tasks' types need of the tokenizer (pre-split words: add_prefix_space)
+    for spec in specs:
         kwargs.update(spec.task_type.tokenizer_kwargs)
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    tokens = [*special_tokens, *(t for spec in specs for t in spec.special_tokens)]
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name, **kwargs), tokens)
 
 
 def prepare_tasks(cfg: Config, specs: list[TaskSpec], *, need_train: bool) -> tuple[list[TaskSpec], list[dict]]:
@@ -95,8 +106,10 @@ def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec],
     with args.main_process_first(local=True, desc="loading the data"):
         specs, raw = prepare_tasks(cfg, specs, need_train=True)
     check_task_mixing(cfg, specs, [len(splits["train"]) for splits in raw])
-    tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs)
-    check_max_length(cfg, specs, tokenizer, encoder_config(cfg.model_name))
+    config = encoder_config(cfg.model_name)
+    check_backbone(specs, config, cfg.model_name)
+    tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs, cfg.special_tokens)
+    check_max_length(cfg, specs, tokenizer, config)
     return specs, raw, tokenizer
 
 
@@ -106,7 +119,7 @@ def tokenize_data(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenizer
         return tokenize_tasks(cfg, specs, raw, tokenizer)
 
 
-def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str = "eval") -> dict[str, Any]:
+def chance_report(tasks: list[TaskData], metrics: dict[str, float], tokenizer, prefix: str = "eval") -> dict[str, Any]:
     """Compare each task's metrics with what a constant guess scores; log a table and a summary.
 
     A metric is learned when its value is at least its chance level plus LEARNED_MARGIN; the table
@@ -120,7 +133,7 @@ def chance_report(tasks: list[TaskData], metrics: dict[str, float], prefix: str 
     for task in tasks:
         if task.validation is None:
             continue
-        chance = chance_scores(task.spec, task.validation["labels"])
+        chance = task.spec.task_type.split_chance(task.spec, task.validation, tokenizer)
         rows = {}
         for name, level in chance.items():
             value = metrics.get(f"{prefix}_{task.name}_{name}")
@@ -220,7 +233,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
         try:
             tasks = tokenize_data(cfg, specs, raw, tokenizer, args)
             set_seed(cfg.seed)
-            model = MultitaskModel(load_encoder(cfg.model_name, cfg.model_init), specs)
+            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs)
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
             identity = _identity(cfg, precision, trainer)
             plan = _shared_resume_plan(cfg, store, trainer, identity)
@@ -373,7 +386,7 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
     if any(t.validation is not None for t in tasks):
         eval_metrics = trainer.evaluate()
         results["eval"] = eval_metrics
-        results["chance"] = chance_report(tasks, eval_metrics)
+        results["chance"] = chance_report(tasks, eval_metrics, tokenizer)
     if not trainer.args.should_save:
         return results
     final_dir = cfg.run_dir / "final"
@@ -594,7 +607,7 @@ def evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     specs, raw = prepare_tasks(cfg, specs, need_train=False)
     tasks = tokenize_tasks(cfg, specs, raw, tokenizer)
     metrics = _trainer_for(cfg, model, tasks, tokenizer, path).evaluate()
-    chance_report(tasks, metrics)
+    chance_report(tasks, metrics, tokenizer)
     logger.info("%s: %s = %.6f", path, MACRO_METRIC, metrics.get(f"eval_{MACRO_METRIC}", float("nan")))
     return metrics
 
@@ -650,9 +663,9 @@ def _read_inputs(path: Path, spec: TaskSpec):
 
 def _with_placeholder_labels(spec: TaskSpec, ds):
     """Inputs have no labels: add placeholder ones so batching is the same as in training."""
-    col = spec.columns["label"]
-    if col in ds.column_names:
-        ds = ds.remove_columns(col)
+    labels = [spec.columns[role] for role in spec.task_type.label_columns if spec.columns.get(role) in ds.column_names]
+    if labels:
+        ds = ds.remove_columns(labels)
     return spec.task_type.placeholder_labels(spec, ds)
 
 
@@ -674,11 +687,12 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     spec = model.specs[task]
     check_max_length(cfg, [spec], tokenizer, model.config, model_name=str(path))
     ds = _with_placeholder_labels(spec, _read_inputs(Path(input), spec))
-    check_columns(spec, "input", ds)
-    tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length)
+    generates = spec.task_type.generates  # inputs are prompts: no labels to place, none to encode
+    if not generates:
+        check_columns(spec, "input", ds)
+    tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length, with_labels=not generates)
     data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer))
-    out = _trainer_for(cfg, model, [data], tokenizer, path).predict_task(data, tokenized)
-    rows = spec.task_type.prediction_rows(spec, out.predictions, out.label_ids)
+    rows = _trainer_for(cfg, model, [data], tokenizer, path).predict_rows(data, tokenized)
     _write_jsonl(out_path, rows)
     logger.info("Wrote %d predictions to %s", len(rows), out_path)
     return out_path

@@ -65,6 +65,8 @@ class Config:
     model_init: str = _setting("pretrained", "pretrained: load weights; scratch: build from the model's config only", "model")
     tokenizer_name: str | None = _setting(None, "tokenizer id or directory (default: MODEL_NAME)", "model")
     max_seq_length: int = _setting(128, "truncate inputs to this many tokens (per-task max_length overrides)", "model")
+    special_tokens: list[str] = _setting(
+        [], "comma-separated tokens to add to the tokenizer as special tokens (e.g. <sep>), besides the tasks' own", "model")
 
     # --- tasks ---
     tasks: list[str] = _setting(
@@ -112,6 +114,9 @@ class Config:
     report_to: list[str] = _setting(
         ["none"], "trackers the Trainer logs to besides the console: none, or any of " + ",".join(REPORT_TO), "training")
     export_at_end: bool = _setting(True, "export every task as a standalone Hugging Face model after training", "training")
+    max_new_tokens: int = _setting(64, "generation tasks: the most tokens generated per input (evaluation and predict)", "training")
+    num_beams: int = _setting(1, "generation tasks: beams of the search (1: greedy)", "training")
+    do_sample: bool = _setting(False, "generation tasks: sample instead of searching (default off: the same output every time)", "training")
 
     # --- checkpoints (storage) ---
     checkpoint_uri: str | None = _setting(None, "gs://bucket/prefix or a folder for committed checkpoints (default: OUTPUT_DIR)", "checkpoints")
@@ -439,6 +444,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model_init in MODEL_INITS, "model_init", cfg.model_init, "|".join(MODEL_INITS))
     _check(bool(cfg.model_name.strip()), "model_name", cfg.model_name, "a Hugging Face model id or a local folder")
     _check(cfg.max_seq_length >= 8, "max_seq_length", cfg.max_seq_length, "an integer >= 8")
+    _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
+    _check(cfg.num_beams >= 1, "num_beams", cfg.num_beams, "an integer >= 1")
     _check(len(cfg.tasks) > 0, "tasks", cfg.tasks, "at least one task name, e.g. stsb,rte")
     dupes = sorted({t for t in cfg.tasks if cfg.tasks.count(t) > 1})
     _check(not dupes, "tasks", ",".join(cfg.tasks), f"each task once (repeated: {','.join(dupes)})")

@@ -259,8 +259,8 @@ def check_columns(spec: TaskSpec, split: str, ds) -> None:
 
 
 def input_columns(spec: TaskSpec) -> list[tuple[str, str]]:
-    """(role, column) of every declared column the model reads (all but the label)."""
-    return [(role, col) for role, col in _column_names(spec) if role != "label"]
+    """(role, column) of every declared column the model reads (all but the type's label columns)."""
+    return [(role, col) for role, col in _column_names(spec) if role not in spec.task_type.label_columns]
 
 
 def missing_input(spec: TaskSpec, ds) -> tuple[int, str, str] | None:

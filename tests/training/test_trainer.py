@@ -164,7 +164,7 @@ def test_chance_report_of_a_tokenized_split_with_sentences_of_different_lengths(
 
     spec = declare("token_classification", TAGS, ["accuracy"])
     validation = datasets.Dataset.from_dict({"labels": ragged(PADDED_REFS, LENGTHS)})
-    report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9})
+    report = chance_report([TaskData(spec, None, validation, None)], {"eval_t_accuracy": 0.9}, None)
     assert report == {"t": {"accuracy": {"value": 0.9, "chance": pytest.approx(4 / 9), "needs": pytest.approx(4 / 9 + 0.05),
                                          "learned": True}}}
 
@@ -189,7 +189,7 @@ def test_chance_report_prints_the_margin_and_its_summary_uses_the_same_rule(capl
     mrpc = chance_task("mrpc", ["no", "yes"], [1] * 68 + [0] * 32, ["accuracy", "f1"])
     rte = chance_task("rte", ["yes", "no"], [0] * 50 + [1] * 50, ["accuracy"])
     caplog.set_level(logging.INFO, logger="trainer")
-    report = chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.70, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+    report = chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.70, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61}, None)
 
     assert report["mrpc"]["accuracy"] == {"value": 0.70, "chance": pytest.approx(0.68), "needs": pytest.approx(0.73),
                                           "learned": False}
@@ -204,7 +204,7 @@ def test_chance_report_prints_the_margin_and_its_summary_uses_the_same_rule(capl
                        "train longer or check the data.")
 
     caplog.clear()
-    chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.74, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61})
+    chance_report([mrpc, rte], {"eval_mrpc_accuracy": 0.74, "eval_mrpc_f1": 0.9, "eval_rte_accuracy": 0.61}, None)
     assert caplog.records[-1].getMessage() == "All tasks learned: every metric >= chance + 0.05."
 
 

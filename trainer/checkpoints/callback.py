@@ -294,7 +294,7 @@ class CheckpointSync(TrainerCallback):
 # EARLY_STOPPING_PATIENCE and _THRESHOLD, the evaluation, saving, logging and storage settings,
 # EVAL_BATCH_SIZE, MAX_EVAL_SAMPLES…) may change between a run and its resume.
 IDENTITY_SETTINGS = (
-    "model_name", "model_init", "tokenizer_name", "max_seq_length", "tasks", "max_train_samples", "sampling",
+    "model_name", "model_init", "tokenizer_name", "max_seq_length", "special_tokens", "tasks", "max_train_samples", "sampling",
     "sampling_temperature", "sampling_cap", "task_weights", "group_by_length", "learning_rate", "train_batch_size",
     "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm", "seed",
 )
@@ -326,6 +326,8 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     diffs = []
     old, new = saved.get("settings", {}), current["settings"]
     for key in sorted(set(old) | set(new)):
+        if key not in old and new.get(key) == "":
+            continue  # a setting newer than the checkpoint, left empty: the run's behaviour before it
         if old.get(key) != new.get(key):
             diffs.append(f"{key}={old.get(key, '')} (now {new.get(key, '')})")
     if saved.get("world_size") != current["world_size"]:

@@ -5,12 +5,17 @@ from .multitask import (
     MULTITASK_FILE,
     WEIGHTS_FILE,
     MultitaskModel,
+    bind_backbone,
+    check_backbone,
     check_max_length,
     encoder_config,
+    fit_backbone,
     head_config,
     load_encoder,
     max_input_length,
+    prepare_tokenizer,
 )
 
-__all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "MultitaskModel", "check_max_length", "encoder_config", "head_config",
+__all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "MultitaskModel", "bind_backbone", "check_backbone", "check_max_length",
+           "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
            "load_encoder", "max_input_length"]

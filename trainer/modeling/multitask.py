@@ -57,20 +57,32 @@ class MultitaskModel(nn.Module):
         try:
             head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec))
         except ValueError as e:
-            raise ValueError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
-                             f"{spec.task_type.auto_class}; use another encoder or drop the task") from e
-        prefix = head.base_model_prefix
-        own_encoder = getattr(head, prefix, None)
-        if not isinstance(own_encoder, type(self.encoder)):
-            raise ValueError(
-                f"task {spec.name!r}: {type(head).__name__} expects a {type(own_encoder).__name__} encoder but "
-                f"AutoModel gave {type(self.encoder).__name__}; this architecture has no {spec.task_type.auto_class}"
-            )
-        # Drop the head's own (randomly initialised) encoder and bind the shared one without
-        # registering it, so its parameters are owned by `self.encoder` alone.
-        delattr(head, prefix)
-        object.__setattr__(head, prefix, self.encoder)
+            raise TaskError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
+                            f"{spec.task_type.auto_class}; use another backbone or drop the task") from e
+        bind_backbone(head, self.encoder, spec)
         return head.to(dtype=next(self.encoder.parameters()).dtype)
+
+    def _tied_keys(self) -> dict[str, str]:
+        """{head key: backbone key} of the head weights that are the backbone's own tensors (a
+        language-model head tied to the shared input embeddings)."""
+        backbone = {id(t): k for k, t in self.encoder.state_dict(prefix="encoder.", keep_vars=True).items()}
+        return {k: backbone[id(t)] for k, t in self.heads.state_dict(prefix="heads.", keep_vars=True).items() if id(t) in backbone}
+
+    def state_dict(self, *args, **kwargs):
+        """The weights, each once: a head weight tied to the backbone is stored under the backbone's key only."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for key in self._tied_keys():
+            state.pop(prefix + key, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights saved by `state_dict`: tied head weights come with their backbone key."""
+        state = dict(state_dict)
+        for key, source in self._tied_keys().items():
+            if key not in state and source in state:
+                state[key] = state[source]
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def forward(self, task: str, **inputs):
         """Run `task`'s head: its usual `ModelOutput` with the loss (given labels) and the logits only.
@@ -139,11 +151,7 @@ class MultitaskModel(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a multitask checkpoint: {name} is missing")
         described = json.loads((directory / MULTITASK_FILE).read_text())
-        specs = []
-        for d in described["tasks"]:
-            d["labels"] = tuple(d["labels"]) if d.get("labels") is not None else None
-            d["metrics"] = tuple(d["metrics"])
-            specs.append(TaskSpec(**d))
+        specs = [TaskSpec.from_dict(d) for d in described["tasks"]]
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
         model = cls(encoder, specs)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
@@ -174,6 +182,86 @@ class MultitaskModel(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         return directory
+
+
+def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
+    """Replace the head model's own (randomly initialised) backbone by the shared one, without
+    registering it, so that its parameters are owned by the multitask model's `encoder` alone;
+    then tie a language-model head to the shared input embeddings when the config ties them.
+
+    The backbone is found generically: the head's `base_model_prefix` attribute (``bert``,
+    ``transformer``, ``model``…) when it is a module of the backbone's class, else the backbone's
+    own parts held directly by the head (T5ForConditionalGeneration holds T5Model's ``shared``,
+    ``encoder`` and ``decoder``).
+
+    Raises:
+        TaskError: the head holds no backbone of this class (the architecture cannot serve the type).
+    """
+    prefix = head.base_model_prefix
+    own = getattr(head, prefix, None)
+    if isinstance(own, type(backbone)):
+        delattr(head, prefix)
+        object.__setattr__(head, prefix, backbone)
+    else:
+        parts = dict(backbone.named_children())
+        if not parts or not all(isinstance(getattr(head, name, None), type(part)) for name, part in parts.items()):
+            raise TaskError(
+                f"task {spec.name!r}: {type(head).__name__} expects a {type(own).__name__} backbone but AutoModel gave "
+                f"{type(backbone).__name__}; this architecture has no {spec.task_type.auto_class} on its shared backbone")
+        for name, part in parts.items():
+            delattr(head, name)
+            object.__setattr__(head, name, part)
+    output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
+    if output is not None and getattr(head.config, "tie_word_embeddings", False):
+        output.weight = backbone.get_input_embeddings().weight
+
+
+def check_backbone(specs: list[TaskSpec], config, model_name: str) -> None:
+    """Refuse, before any data is tokenized, a task whose type the backbone cannot serve.
+
+    Raises:
+        TaskError: one line naming the task, the backbone and the types it serves.
+    """
+    from ..tasks import TASK_TYPES
+
+    for spec in specs:
+        if not spec.task_type.serves(config):
+            served = [name for name, t in TASK_TYPES.items() if t.serves(config)]
+            raise TaskError(f"task {spec.name!r}: {model_name} ({config.model_type}) cannot serve type {spec.type}: "
+                            f"transformers has no {spec.task_type.auto_class} for it; it serves {', '.join(served) or 'none'}; "
+                            "use another backbone or drop the task")
+
+
+def prepare_tokenizer(tokenizer, special_tokens: list[str]):
+    """Add `special_tokens` (SPECIAL_TOKENS and the tasks' own) to the tokenizer, and give a
+    tokenizer without a pad token (GPT-2, Llama…) its EOS token as pad: the attention mask, not
+    the token, tells padding apart; one with neither gets a new ``<pad>`` token. Returns the tokenizer."""
+    new = [t for t in dict.fromkeys(special_tokens) if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+        logger.info("Added %d special token%s to the tokenizer: %s", len(new), "" if len(new) == 1 else "s", " ".join(new))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            logger.info("The tokenizer has neither a pad nor an EOS token: added <pad> as its pad token")
+            return tokenizer
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("The tokenizer has no pad token: padding with its EOS token %r (the attention mask marks padding)",
+                    tokenizer.eos_token)
+    return tokenizer
+
+
+def fit_backbone(backbone, tokenizer):
+    """The backbone made to fit the tokenizer: its embeddings resized once when tokens were added
+    (before any head is bound, so the heads tie to the resized embeddings), and its config given
+    the tokenizer's pad token id (decoder classification heads pool at the last token before it)."""
+    embeddings = backbone.get_input_embeddings()
+    if len(tokenizer) > embeddings.num_embeddings:
+        logger.info("Resizing the embeddings from %d to %d tokens", embeddings.num_embeddings, len(tokenizer))
+        backbone.resize_token_embeddings(len(tokenizer))
+    if getattr(backbone.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        backbone.config.pad_token_id = tokenizer.pad_token_id
+    return backbone
 
 
 TOKENIZER_NO_LIMIT = 1_000_000  # transformers sets model_max_length to ~1e30 when a tokenizer declares none

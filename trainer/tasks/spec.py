@@ -44,6 +44,8 @@ class TaskSpec:
     metrics: tuple[str, ...] = ()
     batch_size: int | None = None
     max_length: int | None = None
+    special_tokens: tuple[str, ...] = ()  # added to the tokenizer (e.g. a separator), besides SPECIAL_TOKENS
+    separator: str | None = None  # generation types: the text between the prompt and the target (e.g. <sep>)
 
     @property
     def task_type(self) -> TaskType:
@@ -58,7 +60,17 @@ class TaskSpec:
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels) if self.labels is not None else None
         d["metrics"] = list(self.metrics)
+        d["special_tokens"] = list(self.special_tokens)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
+        """The spec `to_dict` wrote (a saved model's multitask.json); keys it lacks take their defaults."""
+        d = dict(d)
+        for key in ("labels", "metrics", "special_tokens"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
 
     def with_labels(self, labels: list[str]) -> TaskSpec:
         return dataclasses.replace(self, labels=tuple(labels), num_labels=len(labels))
@@ -142,8 +154,6 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     if labels is not None:
         if not isinstance(labels, list) or not labels or len({str(x) for x in labels}) != len(labels):
             raise TaskError(f"{where}: 'labels' must be a non-empty list of distinct label names")
-        if not task_type.has_label_set:
-            raise TaskError(f"{where}: type {type_name} predicts a number and takes no 'labels'")
         labels = tuple(str(x) for x in labels)
         if num_labels is not None and num_labels != len(labels):
             raise TaskError(f"{where}: num_labels={num_labels} but {len(labels)} labels are listed; make them agree")
@@ -160,16 +170,27 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         raise TaskError(f"{where}: metric(s) {', '.join(foreign)} do not apply to type {type_name}; "
                         f"use {', '.join(task_type.metrics)}")
 
+    special = merged.get("special_tokens") or []
+    if not isinstance(special, list) or not all(isinstance(t, str) and t.strip() and t == t.strip() for t in special):
+        raise TaskError(f"{where}: 'special_tokens' must be a list of tokens without spaces around them, e.g. [\"<sep>\"]")
+
+    separator = merged.get("separator")
+    if separator is not None and (not isinstance(separator, str) or not separator):
+        raise TaskError(f"{where}: 'separator' must be a non-empty text, e.g. \"<sep>\" (declare it in special_tokens too)")
+
     for key in ("batch_size", "max_length"):
         value = merged.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise TaskError(f"{where}: {key} must be a positive integer, got {value!r}")
 
-    return TaskSpec(
+    spec = TaskSpec(
         name=name, type=type_name, columns=columns, hub=hub, hub_config=merged.get("hub_config"), files=files, splits=splits, labels=labels,
         num_labels=num_labels if num_labels is not None else task_type.default_num_labels(),
         metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
+        special_tokens=tuple(special), separator=separator,
     )
+    task_type.check_spec(spec, where)
+    return spec
 
 
 def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:

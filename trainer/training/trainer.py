@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -404,6 +405,60 @@ class MultitaskTrainer(Trainer):
             metric_key_prefix=f"{metric_key_prefix}_{task.name}",
         )
 
+    def generate_task(self, task: TaskData, dataset) -> tuple[list[str], list[str] | None]:
+        """The texts `task`'s head generates for every row of `dataset`, in order, and the rows'
+        targets when it holds training rows (labels), else None.
+
+        Each prompt (the row's ids before its labels start) is padded on the left, and the head
+        generates up to MAX_NEW_TOKENS with NUM_BEAMS beams (sampling only with DO_SAMPLE) until
+        EOS. Under DDP each rank generates every world_size-th row and the texts are gathered.
+        """
+        from accelerate.utils import gather_object
+
+        task_type, tokenizer, cfg = task.spec.task_type, self.processing_class, self.cfg
+        ids_column = dataset["input_ids"]
+        labels_column = dataset["labels"] if "labels" in dataset.column_names else None
+        prompts, references = [], []
+        for i, ids in enumerate(ids_column):
+            if labels_column is None:
+                prompts.append(list(ids))
+                continue
+            prompt, target = task_type.split_texts(list(ids), list(labels_column[i]))
+            prompts.append(prompt)
+            references.append(tokenizer.decode(target, skip_special_tokens=True))
+        head = self.accelerator.unwrap_model(self.model).heads[task.name]
+        was_training = head.training
+        head.eval()
+        pad, eos, device = tokenizer.pad_token_id, tokenizer.eos_token_id, self.args.device
+        mine = list(range(self.args.process_index, len(prompts), self.args.world_size))
+        texts: dict[int, str] = {}
+        with torch.no_grad():
+            for start in range(0, len(mine), self.args.eval_batch_size):
+                rows = mine[start : start + self.args.eval_batch_size]
+                width = max(len(prompts[i]) for i in rows)
+                input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
+                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows], device=device)
+                generated = head.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                          num_beams=cfg.num_beams, do_sample=cfg.do_sample, pad_token_id=pad,
+                                          eos_token_id=eos)
+                for i, row in zip(rows, generated[:, width:].tolist()):
+                    row = row[: row.index(eos)] if eos in row else row
+                    texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+        head.train(was_training)
+        if self.args.world_size > 1:
+            texts = {i: t for part in gather_object([texts]) for i, t in part.items()}
+        return [texts[i] for i in range(len(prompts))], (references if labels_column is not None else None)
+
+    def predict_rows(self, task: TaskData, dataset) -> list[dict]:
+        """What `predict` writes for every row of `dataset` (encoded inputs): the type's
+        `prediction_rows` of the head's outputs, or of the generated texts for a generation task."""
+        spec = task.spec
+        if spec.task_type.generates:
+            texts, _ = self.generate_task(task, dataset)
+            return spec.task_type.prediction_rows(spec, texts)
+        out = self.predict_task(task, dataset)
+        return spec.task_type.prediction_rows(spec, out.predictions, out.label_ids)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` for every metric
         and `<prefix>_macro_avg`, the mean over the tasks of each one's primary (first listed) metric,
@@ -416,16 +471,24 @@ class MultitaskTrainer(Trainer):
             if task.validation is None:
                 continue
             description = f"Evaluation {task.name}"
+            generates = task.spec.task_type.generates
             output = self.evaluation_loop(
                 self.task_dataloader(task, task.validation, description),
                 description=description,
-                prediction_loss_only=False,
+                prediction_loss_only=generates,  # a generation task's logits (tokens x vocabulary) are never kept
                 ignore_keys=ignore_keys,
                 metric_key_prefix=f"{metric_key_prefix}_{task.name}",
             )
             n_samples += output.num_samples
             results.update(output.metrics)
-            task_scores = score_task(task.spec, output.predictions, output.label_ids)
+            if generates:
+                texts, references = self.generate_task(task, task.validation)
+                task_scores = task.spec.task_type.score_texts(task.spec, texts, references)
+                loss = output.metrics.get(f"{metric_key_prefix}_{task.name}_loss")
+                if loss is not None:
+                    results[f"{metric_key_prefix}_{task.name}_perplexity"] = math.exp(min(loss, 50.0))  # e^50: no signal anyway
+            else:
+                task_scores = score_task(task.spec, output.predictions, output.label_ids)
             for name, value in task_scores.items():
                 results[f"{metric_key_prefix}_{task.name}_{name}"] = value
             # One number per task: a task listing two metrics (STS-B's pearson and spearmanr) would

@@ -5,11 +5,14 @@ below, and its tests (tests/tasks/types/). Nothing else changes.
 """
 
 from .base import TaskType
+from .causal_lm import CausalLM
 from .classification import Classification
 from .multiple_choice import MultipleChoice
 from .regression import Regression
 from .token_classification import TokenClassification
 
-TASK_TYPES: dict[str, TaskType] = {t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification())}
+TASK_TYPES: dict[str, TaskType] = {
+    t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM())
+}
 
 __all__ = ["TASK_TYPES", "TaskType"]

@@ -72,10 +72,17 @@ class TaskType:
     metrics: tuple[str, ...]  # the metrics that apply (tasks.metrics names)
     default_metrics: tuple[str, ...]
     tokenizer_kwargs: dict[str, Any] = {}  # what the tokenizer must be loaded with for this type
+    label_columns: tuple[str, ...] = ("label",)  # the roles holding what is learned (not model inputs)
+    generates: bool = False  # evaluation and predict generate text (see `GenerationType`)
 
     # ---------------------------------------------------------------- the declaration
     def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
         """Refuse a label declaration this type cannot take (raises TaskError, `where` first)."""
+
+    def check_spec(self, spec: TaskSpec, where: str) -> None:
+        """Refuse a built declaration this type cannot take (raises TaskError, `where` first)."""
+        if spec.separator is not None:
+            raise TaskError(f"{where}: 'separator' applies to generation types (causal_lm), not to type {self.name}; remove it")
 
     def default_num_labels(self) -> int | None:
         """num_labels when the declaration gives none (None: read from the data)."""
@@ -138,6 +145,13 @@ class TaskType:
 
         return getattr(transformers, self.auto_class)
 
+    def serves(self, config) -> bool:
+        """Whether transformers has this type's head for the backbone's architecture (`config`)."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        mapping = getattr(self.head_class(), "_model_mapping", None)
+        return mapping is None or config.model_type not in CONFIG_MAPPING_NAMES or type(config) in mapping
+
     def head_config(self, encoder_config, spec: TaskSpec):
         """The backbone's config with the task's labels and problem type: the head's config."""
         cfg = copy.deepcopy(encoder_config)
@@ -169,6 +183,10 @@ class TaskType:
         """What the best constant guess scores on this split, per metric."""
         ref = self.references(label_ids)
         return {name: metric_fns.chance_level(name, ref, self.num_labels(spec)) for name in spec.metrics}
+
+    def split_chance(self, spec: TaskSpec, split, tokenizer) -> dict[str, float]:
+        """`chance` on a tokenized split (what the chance table compares each metric with)."""
+        return self.chance(spec, split["labels"])
 
     def prediction_rows(self, spec: TaskSpec, logits, label_ids) -> list[dict[str, Any]]:
         """One JSON object per input, as `predict` writes them."""

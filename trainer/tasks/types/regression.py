@@ -25,6 +25,8 @@ class Regression(TaskType):
     default_metrics = ("pearson", "spearmanr")
 
     def check_declaration(self, where: str, labels, num_labels: int | None) -> None:
+        if labels is not None:
+            raise TaskError(f"{where}: type {self.name} predicts a number and takes no 'labels'")
         if num_labels not in (None, 1):
             raise TaskError(f"{where}: a regression task has num_labels=1, got {num_labels}")
 
