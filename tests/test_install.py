@@ -122,7 +122,9 @@ def test_a_wheel_holds_the_package_with_the_demo_files_and_the_command(tmp_path)
         [metadata] = [z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA")]
     shipped = {p.relative_to(source).as_posix() for p in (source / "trainer").rglob("*") if p.is_file()}
     assert {n for n in names if not n.split("/")[0].endswith(".dist-info")} == shipped
-    assert {"trainer/demo/tasks.json", "trainer/demo/model/vocab.txt", "trainer/demo/data/entailment_dev.csv"} <= shipped
+    assert {"trainer/demo/tasks.json", "trainer/demo/model/vocab.txt", "trainer/demo/data/entailment_dev.csv",
+            "trainer/demo/decoder/tasks.json", "trainer/demo/decoder/model/tokenizer.json",
+            "trainer/demo/decoder/data/reverse_dev.jsonl"} <= shipped
     assert entry_points and f"{COMMAND} = trainer.cli:main" in entry_points[0], f"no console script in {wheel.name}: {entry_points}"
     # the extras name the pinned files' packages: `pip install .[trackers]` gets what `make venv-trackers` does
     for extra, requirements in (("cloud", "requirements-cloud.txt"), ("trackers", "requirements-trackers.txt")):

@@ -10,6 +10,7 @@ scratch in a minute on a CPU, so `make run-local` shows real learning without an
 - demo_choice (JSONL, multiple choice): which of four words belongs to the asked category?
 
 The output is deterministic (fixed seed); the files are committed so the demo needs no step.
+The decoder demo (a tiny GPT-2, under decoder/) has its own: `python -m trainer.demo.decoder.generate`.
 """
 
 from __future__ import annotations
