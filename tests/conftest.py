@@ -51,6 +51,85 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+DECODER_WORDS = ("the a saw dog cat bird red blue green car bus boat is near far tool animal color vehicle "
+                 "short long one two three").split()
+
+
+def make_tiny_decoder(directory: Path, arch: str = "gpt2", *, hidden: int = 64, tie: bool | None = None) -> Path:
+    """A decoder (GPT-2 or Llama architecture, 2 layers) built from a config, with a byte-level
+    BPE tokenizer trained here on a few words: EOS `<|endoftext|>` (also BOS and UNK) and no pad
+    token, as GPT-2's. `tie`: tie the language-model head to the input embeddings (default: the
+    architecture's default, True for GPT-2 and False for Llama)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2TokenizerFast, LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(DECODER_WORDS)] * 4 + list(DECODER_WORDS), vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    eot = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, unk_token=eot,
+                                  model_max_length=TINY_MAX_LENGTH)
+    tokenizer.save_pretrained(directory)
+    eos = tokenizer.eos_token_id
+    if arch == "gpt2":
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=hidden, n_positions=TINY_MAX_LENGTH, vocab_size=len(tokenizer),
+                            bos_token_id=eos, eos_token_id=eos, **({} if tie is None else {"tie_word_embeddings": tie}))
+    elif arch == "llama":
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, max_position_embeddings=TINY_MAX_LENGTH, vocab_size=len(tokenizer),
+                             bos_token_id=eos, eos_token_id=eos, **({} if tie is None else {"tie_word_embeddings": tie}))
+    else:
+        raise ValueError(arch)
+    config.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def write_decoder_tasks(directory: Path, *, n_train: int = 200, n_eval: int = 24, seed: int = 0) -> Path:
+    """The seed system's two tasks on one decoder, on tiny data: `rewrite` (causal_lm: the words of
+    the prompt, a noun, a color and maybe a second noun, in reverse order after a `<sep>` token)
+    and `color` (3-way classification of the same texts by their color word)."""
+    import random
+
+    rng = random.Random(seed)
+    nouns = ["saw", "dog", "cat", "bird", "car", "bus", "boat"]
+    colors = ["red", "blue", "green"]
+    data = directory / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        path = data / f"decoder_{split}.jsonl"
+        with open(path, "w") as f:
+            for _ in range(n):
+                words = [rng.choice(colors if i % 2 else nouns) for i in range(rng.randint(2, 3))]
+                f.write(json.dumps({"text": " ".join(words), "rewrite": " ".join(reversed(words)), "color": words[1]}) + "\n")
+        files[split] = str(path)
+    tasks = [
+        {"name": "rewrite", "type": "causal_lm", "files": files, "columns": {"prompt": "text", "target": "rewrite"},
+         "separator": "<sep>", "special_tokens": ["<sep>"], "metrics": ["exact_match", "chrf"]},
+        {"name": "color", "type": "classification", "files": files, "columns": {"text": "text", "label": "color"},
+         "labels": colors},
+    ]
+    path = directory / "decoder_tasks.json"
+    path.write_text(json.dumps({"tasks": tasks}, indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def decoder_tasks(tmp_path_factory) -> Path:
+    return write_decoder_tasks(tmp_path_factory.mktemp("decoder-tasks"))
+
+
 def write_tasks_file(directory: Path, *, n_train: int = 96, n_eval: int = 32, token_task: bool = True) -> Path:
     """A tasks file over small slices of the demo data, plus a token-classification task."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The built-in demo (what `make run-local` runs with no .env) trains offline and learns, and shows
+"""The built-in demos train offline and learn. The encoder demo (what `make run-local` runs with no .env) shows
 what a user reads: the sampling plan once, each task's loss, a progress bar per evaluated task,
 the chance table with its rule."""
 
@@ -37,3 +37,31 @@ def test_demo_learns_every_task(tmp_path):
         assert re.search(rf"Evaluation {task}: 100%\|[^|\n]*\| 10/10 ", bars), task  # 300 examples, EVAL_BATCH_SIZE=32
     assert not re.search(r"\b\d+it \[", bars)
     assert metrics["train"]["total_flos"] > 0
+
+
+def test_the_decoder_demo_learns_its_generation_and_classification_tasks(tmp_path):
+    """`--demo=decoder`: a tiny GPT-2 from a shipped config and tokenizer, a generation task (the
+    prompt's words reversed after <sep>) beside a classification of the same texts; offline."""
+    result = run_cli("train", "--demo=decoder", f"--output_dir={tmp_path}", env={"OMP_NUM_THREADS": "2"}, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "All tasks learned: every metric >= chance + 0.05." in log
+    assert "The tokenizer has no pad token: padding with its EOS token" in log
+    metrics = json.loads((tmp_path / "demo-decoder" / "metrics.json").read_text())
+    reverse = metrics["chance"]["demo_reverse"]["exact_match"]
+    assert reverse["value"] > 0.7 and reverse["chance"] < 0.1, reverse
+    assert metrics["eval"]["eval_demo_majority_accuracy"] > 0.8  # chance is 0.35
+    for task in ("demo_reverse", "demo_majority"):
+        assert (tmp_path / "demo-decoder" / "final" / "export" / task / "config.json").is_file()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "cat red bread"}\n')
+    predicted = run_cli("predict", "--demo=decoder", "--task=demo_reverse", f"--input={prompts}", f"--output_dir={tmp_path}")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert json.loads((tmp_path / "prompts.demo_reverse.predictions.jsonl").read_text()) == {"text": "bread red cat"}
+
+
+def test_an_unknown_demo_is_one_line_naming_the_demos(tmp_path):
+    result = run_cli("train", "--demo=gpt", f"--output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --demo='gpt': no such demo; use --demo (a tiny encoder on three tasks) or "
+                                     "--demo=decoder (a tiny GPT-2 with a generation task and a classification task)")

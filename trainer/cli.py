@@ -29,7 +29,8 @@ class Commands:
     """Multitask fine-tuning of one Hugging Face encoder: train, evaluate, predict, export.
 
     Settings come from flags, the environment and the env file; `settings` lists them all.
-    Add --demo to any command to use the built-in offline demo (tiny model, three tasks).
+    Add --demo to any command to use the built-in offline demo (tiny encoder, three tasks), or
+    --demo=decoder for the decoder demo (tiny GPT-2: a generation task beside a classification task).
     """
 
     def __init__(self, setting_flags: dict[str, str] | None = None):
@@ -39,7 +40,7 @@ class Commands:
         # `settings` holds what fire still passed: flags that are no setting (load_config names them).
         return {**self._setting_flags, **settings}
 
-    def train(self, demo: bool = False, env_file: str | None = None, **settings):
+    def train(self, demo: bool | str = False, env_file: str | None = None, **settings):
         """Train all tasks together, evaluate each, save the model, export every task, write metrics.json.
 
         Every setting is also a flag (`python -m trainer settings` lists them), e.g.
@@ -51,7 +52,7 @@ class Commands:
         _relaunch_under_torchrun_if_needed()
         commands.train(cfg)
 
-    def evaluate(self, checkpoint: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
+    def evaluate(self, checkpoint: str | None = None, demo: bool | str = False, env_file: str | None = None, **settings):
         """Evaluate a saved model (default: the run's final model) on each task's validation split.
 
         Example: python -m trainer evaluate --checkpoint=outputs/demo/checkpoint-400
@@ -61,7 +62,7 @@ class Commands:
         commands.evaluate(load_config(self._flags(settings), env_file=env_file, demo=demo), checkpoint)
 
     def predict(self, task: str, input: str, output: str | None = None, checkpoint: str | None = None,
-                demo: bool = False, env_file: str | None = None, **settings):
+                demo: bool | str = False, env_file: str | None = None, **settings):
         """Predict one task for a .jsonl/.csv/.tsv of inputs (same columns as the task's data).
 
         Writes one JSON line per input: {"label", "index", "probabilities"} for classification and
@@ -73,7 +74,7 @@ class Commands:
         commands.predict(load_config(self._flags(settings), env_file=env_file, demo=demo), task, input, output, checkpoint)
 
     def export(self, checkpoint: str | None = None, output: str | None = None, task: str | None = None,
-               demo: bool = False, env_file: str | None = None, **settings):
+               demo: bool | str = False, env_file: str | None = None, **settings):
         """Export each task (or --task) as a standalone Hugging Face model folder.
 
         The folder loads with AutoModelFor<type>.from_pretrained and transformers.pipeline, with no
@@ -119,7 +120,7 @@ class Commands:
         cfg = dataclasses.replace(cfg, run_name=cfg.resolved_run_name)  # the job and its restarts share one run
         vertex.submit(cfg, {**tracker_env, **cfg.to_env()}, args=["train"], dry_run=dry_run, wait=wait)
 
-    def settings(self, get: str | None = None, demo: bool = False, env_file: str | None = None, **settings):
+    def settings(self, get: str | None = None, demo: bool | str = False, env_file: str | None = None, **settings):
         """List every setting with its default and meaning (env-file name = flag name in upper case).
 
         --get=NAME prints the value of one setting as this job resolves it (for scripts and make).
@@ -170,8 +171,9 @@ def split_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     16, `a,b` a tuple, and `--demo=false` the (truthy) string 'false'. Settings are parsed by
     their declared type (`config.load_config`), so their flags leave argv as {name: text}, in
     every form: `--name=value`, `--name value`, `--name` alone or `--noname` for a bool, dashes or
-    underscores. What stays for fire: the command's bool parameters as `--name`/`--noname`, its
-    text parameters quoted so that fire keeps them as typed, anything after `--`, and unknown
+    underscores. What stays for fire: the command's bool parameters as `--name`/`--noname` (a
+    `bool | str` one, like --demo, also `--name='text'`), its text parameters quoted so that fire
+    keeps them as typed, anything after `--`, and unknown
     flags (which `load_config` refuses with a suggestion).
 
     Raises:
@@ -200,7 +202,8 @@ def split_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             settings[name.lower()] = value if has_value else "true"
         elif not has_value and name.lower().startswith("no") and name.lower()[2:] in BOOL_SETTINGS:
             settings[name.lower()[2:]] = "false"
-        elif name in params and isinstance(params[name].default, bool):
+        elif name in params and isinstance(params[name].default, bool) and not (
+                has_value and parse_bool(value) is None and "str" in str(params[name].annotation)):
             on = _flag_bool(key, value) if has_value else True
             kept.append(f"--{name}" if on else f"--no{name}")
         elif name in params and has_value:

@@ -103,11 +103,11 @@ def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec],
     data and the model decide (task mixing, maximum length): everything that can refuse the job
     before it writes anything. The node's main process reads first: the others then read the
     datasets cache instead of every rank reading the files (or the Hub) at once."""
+    config = encoder_config(cfg.model_name)
+    check_backbone(specs, config, cfg.model_name)  # before reading any data: a config is all it needs
     with args.main_process_first(local=True, desc="loading the data"):
         specs, raw = prepare_tasks(cfg, specs, need_train=True)
     check_task_mixing(cfg, specs, [len(splits["train"]) for splits in raw])
-    config = encoder_config(cfg.model_name)
-    check_backbone(specs, config, cfg.model_name)
     tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs, cfg.special_tokens)
     check_max_length(cfg, specs, tokenizer, config)
     return specs, raw, tokenizer
@@ -233,7 +233,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
         try:
             tasks = tokenize_data(cfg, specs, raw, tokenizer, args)
             set_seed(cfg.seed)
-            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs)
+            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs,
+                                   pretrained=cfg.model_name if cfg.model_init == "pretrained" else None)
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
             identity = _identity(cfg, precision, trainer)
             plan = _shared_resume_plan(cfg, store, trainer, identity)

@@ -207,6 +207,7 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Co
 _TYPES = typing.get_type_hints(Config)
 BOOL_SETTINGS = frozenset(name for name, tp in _TYPES.items() if tp is bool)  # a flag alone turns them on
 
+# The built-in demos (`--demo`, `--demo=decoder`): tiny models and data shipped in trainer/demo/.
 DEMO_SETTINGS = {
     "model_name": str(DEMO_DIR / "model"),
     "model_init": "scratch",
@@ -221,6 +222,37 @@ DEMO_SETTINGS = {
     "logging_steps": "50",
     "seed": "1",
 }
+DECODER_DEMO_SETTINGS = {
+    "model_name": str(DEMO_DIR / "decoder" / "model"),
+    "model_init": "scratch",
+    "tasks": "demo_reverse,demo_majority",
+    "tasks_file": str(DEMO_DIR / "decoder" / "tasks.json"),
+    "run_name": "demo-decoder",
+    "max_seq_length": "32",
+    "max_new_tokens": "8",
+    "learning_rate": "2e-3",  # generation needs more than the encoder demo's 5e-4 under warmup and decay
+    "num_train_epochs": "15",
+    "train_batch_size": "32",
+    "warmup_ratio": "0.05",
+    "logging_steps": "50",
+    "seed": "1",
+}
+DEMOS = {"encoder": DEMO_SETTINGS, "decoder": DECODER_DEMO_SETTINGS}
+
+
+def demo_settings(demo: bool | str) -> dict[str, str]:
+    """The settings of the demo `--demo` names: True (a bare --demo) is the encoder demo.
+
+    Raises:
+        ConfigError: no demo of that name.
+    """
+    if demo is False or demo is None or (isinstance(demo, str) and demo.strip().lower() in ("", "false", "no", "0")):
+        return {}
+    name = "encoder" if demo is True or str(demo).strip().lower() in ("true", "yes", "1") else str(demo).strip().lower()
+    if name not in DEMOS:
+        raise ConfigError(f"--demo={demo!r}: no such demo; use --demo (a tiny encoder on three tasks) or --demo=decoder "
+                          "(a tiny GPT-2 with a generation task and a classification task)")
+    return DEMOS[name]
 
 
 # ---------------------------------------------------------------------- parsing values
@@ -390,7 +422,7 @@ def load_config(
     *,
     environ: typing.Mapping[str, str] | None = None,
     env_file: str | os.PathLike | None = None,
-    demo: bool = False,
+    demo: bool | str = False,
 ) -> Config:
     """Build and validate the config from CLI flags, environment, env file, demo preset, defaults.
 
@@ -406,8 +438,7 @@ def load_config(
         if not (value is None or (isinstance(value, str) and not value.strip())):
             layers[name] = value
 
-    if demo:
-        layers.update(DEMO_SETTINGS)
+    layers.update(demo_settings(demo))
     path = env_file if env_file is not None else environ.get("ENV_FILE", ".env")
     read_file = None
     if path and Path(path).is_file():

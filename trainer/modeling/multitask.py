@@ -38,11 +38,13 @@ def head_config(encoder_config, spec: TaskSpec):
 class MultitaskModel(nn.Module):
     """Shared encoder + `heads[task]`. `forward(task=..., **inputs)` runs that task's head and loss."""
 
-    def __init__(self, encoder, specs: list[TaskSpec]):
+    def __init__(self, encoder, specs: list[TaskSpec], *, pretrained: str | None = None):
+        """`pretrained`: the model the backbone was loaded from, whose untied language-model head
+        (Llama's, Mistral's `lm_head`) the causal-LM heads start from (see `load_output_embeddings`)."""
         super().__init__()
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
-        self.heads = nn.ModuleDict({s.name: self._make_head(s) for s in specs})
+        self.heads = nn.ModuleDict({s.name: self._make_head(s, pretrained) for s in specs})
         self._ran_parameters: dict[str, int] = {}  # per task, for `floating_point_ops` (every step)
 
     @property
@@ -53,13 +55,15 @@ class MultitaskModel(nn.Module):
     def main_input_name(self) -> str:
         return self.encoder.main_input_name
 
-    def _make_head(self, spec: TaskSpec) -> nn.Module:
+    def _make_head(self, spec: TaskSpec, pretrained: str | None = None) -> nn.Module:
         try:
             head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec))
         except ValueError as e:
             raise TaskError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
                             f"{spec.task_type.auto_class}; use another backbone or drop the task") from e
         bind_backbone(head, self.encoder, spec)
+        if pretrained is not None:
+            load_output_embeddings(head, self.encoder, pretrained, spec)
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
     def _tied_keys(self) -> dict[str, str]:
@@ -214,6 +218,52 @@ def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
     output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
     if output is not None and getattr(head.config, "tie_word_embeddings", False):
         output.weight = backbone.get_input_embeddings().weight
+
+
+def load_output_embeddings(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
+    """Start an untied language-model head from the pretrained model's own (`AutoModel` loads the
+    backbone only, so Llama's or Mistral's `lm_head` would otherwise start random). Only that
+    tensor is read from the checkpoint's safetensors (one shard of a sharded model), not a second
+    copy of the model; rows of tokens added since (SPECIAL_TOKENS) start at the mean of the others,
+    as the resized input embeddings do. A tied head (GPT-2, Gemma, small Qwen) needs nothing."""
+    output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
+    if output is None or output.weight is backbone.get_input_embeddings().weight:
+        return
+    name = next(n for n, m in head.named_modules() if m is output)
+    saved = _pretrained_tensor(pretrained, f"{name}.weight")
+    if saved is None:
+        logger.warning("task %s: %s holds no %s.weight: its language-model head starts from random weights",
+                       spec.name, pretrained, name)
+        return
+    weight = output.weight
+    if saved.shape[1:] != weight.shape[1:] or saved.shape[0] > weight.shape[0]:
+        raise TaskError(f"task {spec.name!r}: {pretrained}'s {name}.weight has shape {tuple(saved.shape)}, the head "
+                        f"{tuple(weight.shape)}; check MODEL_NAME and TOKENIZER_NAME belong together")
+    with torch.no_grad():
+        weight[: saved.shape[0]] = saved.to(weight.dtype)
+        if saved.shape[0] < weight.shape[0]:
+            weight[saved.shape[0]:] = saved.to(weight.dtype).mean(0)
+
+
+def _pretrained_tensor(model_name: str, key: str):
+    """One tensor of a model's safetensors weights (local folder or Hub cache), or None."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(filename: str):
+        return cached_file(model_name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    index = find("model.safetensors.index.json")
+    if index:
+        shard = json.loads(Path(index).read_text()).get("weight_map", {}).get(key)
+        path = find(shard) if shard else None
+    else:
+        path = find("model.safetensors")
+    if not path:
+        return None
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(key) if key in f.keys() else None
 
 
 def check_backbone(specs: list[TaskSpec], config, model_name: str) -> None:

@@ -426,9 +426,10 @@ class MultitaskTrainer(Trainer):
             prompt, target = task_type.split_texts(list(ids), list(labels_column[i]))
             prompts.append(prompt)
             references.append(tokenizer.decode(target, skip_special_tokens=True))
-        head = self.accelerator.unwrap_model(self.model).heads[task.name]
-        was_training = head.training
-        head.eval()
+        model = self.accelerator.unwrap_model(self.model)
+        head = model.heads[task.name]
+        was_training = model.training
+        model.eval()  # the whole model: the shared backbone is bound to the head, not its submodule
         pad, eos, device = tokenizer.pad_token_id, tokenizer.eos_token_id, self.args.device
         mine = list(range(self.args.process_index, len(prompts), self.args.world_size))
         texts: dict[int, str] = {}
@@ -444,7 +445,7 @@ class MultitaskTrainer(Trainer):
                 for i, row in zip(rows, generated[:, width:].tolist()):
                     row = row[: row.index(eos)] if eos in row else row
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
-        head.train(was_training)
+        model.train(was_training)
         if self.args.world_size > 1:
             texts = {i: t for part in gather_object([texts]) for i, t in part.items()}
         return [texts[i] for i in range(len(prompts))], (references if labels_column is not None else None)
