@@ -85,6 +85,47 @@ def make_tiny_decoder(directory: Path, arch: str = "gpt2", *, hidden: int = 64, 
     return directory
 
 
+def make_tiny_encoder_decoder(directory: Path, arch: str = "t5", *, hidden: int = 32) -> Path:
+    """An encoder-decoder (T5 or BART architecture, 2 layers) built from a config, with a byte-level
+    BPE tokenizer trained here on a few words that ends every text with `</s>` and pads with
+    `<pad>`, as T5's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartConfig, PreTrainedTokenizerFast, T5Config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    specials = ["<pad>", "</s>", "<unk>", "<s>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(DECODER_WORDS)] * 4 + list(DECODER_WORDS),
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eos = bpe.token_to_id("</s>")
+    bpe.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        bos_token="<s>", model_max_length=TINY_MAX_LENGTH)
+    tokenizer.save_pretrained(directory)
+    pad = tokenizer.pad_token_id
+    if arch == "t5":
+        config = T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2,
+                          num_heads=2, pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)
+    elif arch == "bart":
+        config = BartConfig(vocab_size=len(tokenizer), d_model=hidden, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * hidden,
+                            decoder_ffn_dim=2 * hidden, max_position_embeddings=TINY_MAX_LENGTH, pad_token_id=pad,
+                            eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=eos,
+                            forced_eos_token_id=eos)
+    else:
+        raise ValueError(arch)
+    config.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return make_tiny_encoder_decoder(tmp_path_factory.mktemp("tiny-t5"), "t5")
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_decoder(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
@@ -95,10 +136,12 @@ def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
-def write_decoder_tasks(directory: Path, *, n_train: int = 200, n_eval: int = 24, seed: int = 0) -> Path:
+def write_decoder_tasks(directory: Path, *, n_train: int = 200, n_eval: int = 24, seed: int = 0,
+                        generation_type: str = "causal_lm") -> Path:
     """The seed system's two tasks on one decoder, on tiny data: `rewrite` (causal_lm: the words of
     the prompt, a noun, a color and maybe a second noun, in reverse order after a `<sep>` token)
-    and `color` (3-way classification of the same texts by their color word)."""
+    and `color` (3-way classification of the same texts by their color word). `generation_type`
+    seq2seq: the rewrite as a `source` -> `target` task, for encoder-decoder backbones."""
     import random
 
     rng = random.Random(seed)
@@ -114,9 +157,11 @@ def write_decoder_tasks(directory: Path, *, n_train: int = 200, n_eval: int = 24
                 words = [rng.choice(colors if i % 2 else nouns) for i in range(rng.randint(2, 3))]
                 f.write(json.dumps({"text": " ".join(words), "rewrite": " ".join(reversed(words)), "color": words[1]}) + "\n")
         files[split] = str(path)
+    generation = ({"type": "causal_lm", "columns": {"prompt": "text", "target": "rewrite"}, "separator": "<sep>",
+                   "special_tokens": ["<sep>"]} if generation_type == "causal_lm" else
+                  {"type": "seq2seq", "columns": {"source": "text", "target": "rewrite"}})
     tasks = [
-        {"name": "rewrite", "type": "causal_lm", "files": files, "columns": {"prompt": "text", "target": "rewrite"},
-         "separator": "<sep>", "special_tokens": ["<sep>"], "metrics": ["exact_match", "chrf"]},
+        {"name": "rewrite", **generation, "files": files, "metrics": ["exact_match", "chrf"]},
         {"name": "color", "type": "classification", "files": files, "columns": {"text": "text", "label": "color"},
          "labels": colors},
     ]

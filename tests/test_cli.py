@@ -72,7 +72,7 @@ def test_flag_values_are_parsed_by_the_settings_type_only(cli, args, printed):
         (["--get=seed", "--seed=0x10"], "error: SEED='0x10' is not valid: expected a whole number"),
         (["--get=learning_rate", "--learning_rate=inf"], "error: LEARNING_RATE='inf' is not valid: expected a finite number"),
         (["--get=spot", "--spot=maybe"], "error: SPOT='maybe' is not valid: expected true or false"),
-        (["--get=run_name", "--demo=maybe"], "error: --demo='maybe' is not valid: expected true or false"),
+        (["--get=run_name", "--demo=maybe"], "error: --demo='maybe': no such demo; use --demo (a tiny encoder"),
         (["--get=run_name", "--learnig_rate=1"], "error: unknown flag --learnig_rate (did you mean LEARNING_RATE?)"),
         (["--get=nope"], "error: --get='nope': no such setting"),
         (["--get=run_name", "--learning_rate"], "error: --learning_rate needs a value: --learning_rate=VALUE"),

@@ -29,7 +29,7 @@ def build(model_dir, *, pretrained=None):
 
 
 def test_the_tokenizer_pads_with_eos_and_the_backbone_grows_for_the_separator(tiny_gpt2, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="trainer.modeling.multitask"):
         model, tokenizer = build(tiny_gpt2)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>" and "no pad token" in caplog.text
     assert tokenizer.convert_tokens_to_ids("<sep>") == len(tokenizer) - 1

@@ -67,13 +67,20 @@ class MultitaskModel(nn.Module):
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
     def _tied_keys(self) -> dict[str, str]:
-        """{head key: backbone key} of the head weights that are the backbone's own tensors (a
-        language-model head tied to the shared input embeddings)."""
-        backbone = {id(t): k for k, t in self.encoder.state_dict(prefix="encoder.", keep_vars=True).items()}
-        return {k: backbone[id(t)] for k, t in self.heads.state_dict(prefix="heads.", keep_vars=True).items() if id(t) in backbone}
+        """{key: the first key of the same tensor} of every weight that is another's tensor: a
+        language-model head tied to the shared input embeddings, or the backbone's own ties (T5's
+        `shared`, `encoder.embed_tokens` and `decoder.embed_tokens` are one matrix)."""
+        first: dict[int, str] = {}
+        tied = {}
+        for key, tensor in super().state_dict(keep_vars=True).items():
+            if id(tensor) in first:
+                tied[key] = first[id(tensor)]
+            else:
+                first[id(tensor)] = key
+        return tied
 
     def state_dict(self, *args, **kwargs):
-        """The weights, each once: a head weight tied to the backbone is stored under the backbone's key only."""
+        """The weights, each tensor once (see `_tied_keys`): under the first of its keys only."""
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         for key in self._tied_keys():
@@ -81,7 +88,7 @@ class MultitaskModel(nn.Module):
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights saved by `state_dict`: tied head weights come with their backbone key."""
+        """Load weights saved by `state_dict`: a tied weight comes under the first key of its tensor."""
         state = dict(state_dict)
         for key, source in self._tied_keys().items():
             if key not in state and source in state:
@@ -171,8 +178,11 @@ class MultitaskModel(nn.Module):
         spec = self.specs[task]
         head = self.heads[task]
         standalone = spec.task_type.head_class().from_config(copy.deepcopy(head.config))
+        # Where the backbone sits in the standalone model: under base_model_prefix, or as its own
+        # parts at the top (T5ForConditionalGeneration), as `bind_backbone` found it.
         prefix = standalone.base_model_prefix
-        weights = {f"{prefix}.{k}": v for k, v in self.encoder.state_dict().items()}
+        prefix = f"{prefix}." if isinstance(getattr(standalone, prefix, None), type(self.encoder)) else ""
+        weights = {f"{prefix}{k}": v for k, v in self.encoder.state_dict().items()}
         weights.update(head.state_dict())
         missing, unexpected = standalone.load_state_dict(weights, strict=False)
         if missing:

@@ -442,7 +442,8 @@ class MultitaskTrainer(Trainer):
                 generated = head.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                                           num_beams=cfg.num_beams, do_sample=cfg.do_sample, pad_token_id=pad,
                                           eos_token_id=eos)
-                for i, row in zip(rows, generated[:, width:].tolist()):
+                for i, row in zip(rows, generated.tolist()):
+                    row = task_type.generated_tokens(row, width)
                     row = row[: row.index(eos)] if eos in row else row
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
         model.train(was_training)

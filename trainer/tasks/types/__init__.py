@@ -9,10 +9,11 @@ from .causal_lm import CausalLM
 from .classification import Classification
 from .multiple_choice import MultipleChoice
 from .regression import Regression
+from .seq2seq import Seq2Seq
 from .token_classification import TokenClassification
 
 TASK_TYPES: dict[str, TaskType] = {
-    t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM())
+    t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM(), Seq2Seq())
 }
 
 __all__ = ["TASK_TYPES", "TaskType"]

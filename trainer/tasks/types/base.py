@@ -17,6 +17,8 @@ import numpy as np
 from .. import metrics as metric_fns
 from ..errors import TaskError
 
+IGNORED = -100  # the label of positions the loss (and the metrics) skip
+
 if TYPE_CHECKING:
     from ..spec import TaskSpec
 
@@ -253,3 +255,77 @@ class LabelSetType(TaskType):
             k = int(p.argmax())
             rows.append({"label": spec.labels[k], "index": k, "probabilities": [round(float(x), 6) for x in p]})
         return rows
+
+
+class GenerationType(TaskType):
+    """A type whose head writes text (causal_lm, seq2seq): the target is a text, evaluation and
+    `predict` generate, and the scores compare generated texts with the targets. Subclasses set
+    the columns and implement `encode`, `split_texts` and `generated_tokens`."""
+
+    label_columns = ("target",)
+    has_label_set = False
+    generates = True
+    default_metrics = ("chrf", "exact_match")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(sorted(metric_fns.GENERATION_METRICS))
+
+    def check_declaration(self, where: str, labels, num_labels: int | None) -> None:
+        if labels is not None or num_labels is not None:
+            raise TaskError(f"{where}: type {self.name} generates text and takes no 'labels' or 'num_labels'")
+
+    def first_label_problem(self, spec: TaskSpec, ds) -> tuple[int, str] | None:
+        col = spec.columns["target"]
+        for i, value in enumerate(ds[col]):
+            if missing(value):
+                return i, f"no text in column {col!r} (role 'target'); give every row its target or remove it"
+            if not isinstance(value, str):
+                return i, f"column {col!r} (role 'target') holds a {type(value).__name__}, not a text; quote it or fix the row"
+        return None
+
+    def label_values(self, spec: TaskSpec, ds) -> list[Any]:
+        return []  # texts: no label set
+
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """Pads on the right; labels padded with -100 (by position, not by the pad id, which may be EOS)."""
+        from transformers import DataCollatorForSeq2Seq
+
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORED, pad_to_multiple_of=pad_to_multiple_of,
+                                      padding="longest")
+
+    def placeholder_labels(self, spec: TaskSpec, ds):
+        return ds  # `predict` encodes the inputs only (`encode` without labels)
+
+    def configure_head(self, cfg, spec: TaskSpec) -> None:
+        cfg.problem_type = None
+
+    def split_texts(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """(what the model is given to generate from, the target's ids without EOS) of one encoded row."""
+        raise NotImplementedError
+
+    def generated_tokens(self, row: list[int], prompt_width: int) -> list[int]:
+        """The tokens the model wrote, from one row of `generate`'s output (EOS and after are cut by the caller)."""
+        raise NotImplementedError
+
+    def score_texts(self, spec: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
+        return {name: metric_fns.compute(name, predictions, references) for name in spec.metrics}
+
+    def split_chance(self, spec: TaskSpec, split, tokenizer) -> dict[str, float]:
+        """The better of an empty output, the most frequent target and a copy of the input text."""
+        prompts, references = [], []
+        for ids, labels in zip(split["input_ids"], split["labels"]):
+            prompt, target = self.split_texts(list(ids), list(labels))
+            prompts.append(tokenizer.decode(prompt, skip_special_tokens=True))
+            references.append(tokenizer.decode(target, skip_special_tokens=True))
+        return {name: metric_fns.generation_chance(name, references, prompts) for name in spec.metrics}
+
+    def chance(self, spec: TaskSpec, label_ids) -> dict[str, float]:
+        raise TypeError(f"task {spec.name!r} generates text: its chance level needs the prompts (`split_chance`)")
+
+    def score(self, spec: TaskSpec, logits, label_ids) -> dict[str, float]:
+        raise TypeError(f"task {spec.name!r} generates text: it is scored on generated texts (`score_texts`)")
+
+    def prediction_rows(self, spec: TaskSpec, texts, label_ids=None) -> list[dict[str, Any]]:
+        """`{"text"}` per input: the generated text (without the prompt)."""
+        return [{"text": t} for t in texts]

@@ -15,49 +15,24 @@ metrics (exact_match, chrf, bleu, rougeL), beside the evaluation loss and perple
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .. import metrics as metric_fns
 from ..errors import TaskError
-from .base import TaskType, missing
+from .base import IGNORED, GenerationType
 
 if TYPE_CHECKING:
     from ..spec import TaskSpec
 
-IGNORED = -100  # the label of positions the loss skips
 
-
-class CausalLM(TaskType):
+class CausalLM(GenerationType):
     name = "causal_lm"
     required_columns = ("target",)
     optional_columns = ("prompt",)
-    label_columns = ("target",)
     auto_class = "AutoModelForCausalLM"
     pipeline = "text-generation"
-    has_label_set = False
-    generates = True
-    metrics = tuple(sorted(metric_fns.GENERATION_METRICS))
-    default_metrics = ("chrf", "exact_match")
 
     def check_spec(self, spec: TaskSpec, where: str) -> None:
         """Any separator is fine (the base refuses one): it is declared for this type."""
-
-    def check_declaration(self, where: str, labels, num_labels: int | None) -> None:
-        if labels is not None or num_labels is not None:
-            raise TaskError(f"{where}: type {self.name} generates text and takes no 'labels' or 'num_labels'")
-
-    # ---------------------------------------------------------------- raw data
-    def first_label_problem(self, spec: TaskSpec, ds) -> tuple[int, str] | None:
-        col = spec.columns["target"]
-        for i, value in enumerate(ds[col]):
-            if missing(value):
-                return i, f"no text in column {col!r} (role 'target'); give every row its target or remove it"
-            if not isinstance(value, str):
-                return i, f"column {col!r} (role 'target') holds a {type(value).__name__}, not a text; quote it or fix the row"
-        return None
-
-    def label_values(self, spec: TaskSpec, ds) -> list[Any]:
-        return []  # texts: no label set
 
     # ---------------------------------------------------------------- encoding
     def _pieces(self, spec: TaskSpec, tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -96,44 +71,11 @@ class CausalLM(TaskType):
             out["labels"].append([IGNORED] * (len(ids) - len(target)) + target)
         return out
 
-    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
-        """Pads on the right for training; labels padded with -100 (by position, not by the pad id)."""
-        from transformers import DataCollatorForSeq2Seq
-
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORED, pad_to_multiple_of=pad_to_multiple_of,
-                                      padding="longest")
-
-    def placeholder_labels(self, spec: TaskSpec, ds):
-        return ds  # `predict` encodes prompts only (`encode` without labels)
-
-    # ---------------------------------------------------------------- the head
-    def configure_head(self, cfg, spec: TaskSpec) -> None:
-        cfg.problem_type = None
-
     # ---------------------------------------------------------------- generation
     def split_texts(self, labelled_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """(the prompt's ids, the target's ids without EOS) of one encoded training row."""
         start = next((i for i, label in enumerate(labels) if label != IGNORED), len(labels))
         return labelled_ids[:start], [t for t in labels[start:] if t != IGNORED][:-1]
 
-    def score_texts(self, spec: TaskSpec, predictions: list[str], references: list[str]) -> dict[str, float]:
-        return {name: metric_fns.compute(name, predictions, references) for name in spec.metrics}
-
-    def split_chance(self, spec: TaskSpec, split, tokenizer) -> dict[str, float]:
-        """The better of an empty output, the most frequent target and a copy of the prompt."""
-        prompts, references = [], []
-        for ids, labels in zip(split["input_ids"], split["labels"]):
-            prompt, target = self.split_texts(ids, labels)
-            prompts.append(tokenizer.decode(prompt, skip_special_tokens=True))
-            references.append(tokenizer.decode(target, skip_special_tokens=True))
-        return {name: metric_fns.generation_chance(name, references, prompts) for name in spec.metrics}
-
-    def chance(self, spec: TaskSpec, label_ids) -> dict[str, float]:
-        raise TypeError(f"task {spec.name!r} generates text: its chance level needs the prompts (`split_chance`)")
-
-    def score(self, spec: TaskSpec, logits, label_ids) -> dict[str, float]:
-        raise TypeError(f"task {spec.name!r} generates text: it is scored on generated texts (`score_texts`)")
-
-    def prediction_rows(self, spec: TaskSpec, texts, label_ids=None) -> list[dict[str, Any]]:
-        """`{"text"}` per input: the generated text (without the prompt)."""
-        return [{"text": t} for t in texts]
+    def generated_tokens(self, row: list[int], prompt_width: int) -> list[int]:
+        return row[prompt_width:]  # a decoder writes after its prompt
