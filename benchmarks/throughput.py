@@ -19,9 +19,9 @@ from pathlib import Path
 
 from .common import (
     BatchLog,
-    BenchError,
     Setup,
     StepClock,
+    against_trainer,
     bench_config,
     cycle_names,
     fastest,
@@ -42,47 +42,6 @@ logger = logging.getLogger("benchmarks")
 NAME = "throughput"
 GOAL_RATIO = (">=", 0.97)  # multitask examples/s over the Trainer's; 1.0 is the limit (same work)
 GOAL_STEP = ("<=", 1.03)  # 3-task per-step time over 1-task: the same 3 % allowance, inverted
-
-
-def one_task(setup: Setup, task, steps: int, *, precision: str, work: Path) -> dict:
-    """Alternate the plain Trainer and the multitask trainer on the same batches; returns both series."""
-    skip = setup.plan.warmup_steps
-    cfg = bench_config(setup, [task.name], work, max_steps=steps, precision=precision)
-
-    # The multitask sampler's batches for epoch 0, replayed in order by the baseline.
-    probe = multitask_trainer(setup, [task], cfg, precision=precision)
-    sampler = probe.make_batch_sampler()
-    sampler.set_epoch(0)
-    batches = list(sampler)[:steps]
-    del probe
-    if any(len(b) != setup.batch_size for b in batches):
-        raise BenchError(f"task {task.name!r}: the timed steps need {steps} full batches of {setup.batch_size}")
-    replay = task.train.select([i for b in batches for i in b])
-
-    logs: dict[str, list] = {"trainer": [], "multitask": []}
-
-    def side(name: str, make):
-        def factory(clock: StepClock):
-            log = BatchLog(task.collator)
-
-            def measure(clock: StepClock) -> dict:
-                logs[name].append(log.records[:steps])
-                return window(clock, log.records, skip)
-
-            return make(log, clock), measure
-        return factory
-
-    series = lockstep_rounds({
-        "trainer": side("trainer", lambda log, clock: plain_trainer(setup, task.spec, cfg, replay, log, precision=precision,
-                                                                    sequential=True, callbacks=[clock])),
-        "multitask": side("multitask", lambda log, clock: multitask_trainer(setup, [variant(task, collator=log)], cfg,
-                                                                            precision=precision, callbacks=[clock])),
-    }, setup.plan.repeats)
-    same = all(r == logs["trainer"][0] for r in logs["trainer"] + logs["multitask"])
-    if not same:
-        raise BenchError("the baseline did not see the same batches as the multitask trainer: the comparison is void")
-    return {"precision": precision, "steps": steps, "timed_steps": steps - skip, "same_batches": same, **series,
-            "fastest": {name: fastest(rounds) for name, rounds in series.items()}}
 
 
 def three_tasks(setup: Setup, names: list[str], steps: int, *, work: Path) -> dict:
@@ -143,7 +102,7 @@ def run(setup: Setup) -> dict:
              "Tokens are real (non-padding) tokens of the batches actually collated; both trainers get the same batches."]
     for precision in ["fp32", *gpu_precisions()]:
         logger.info("throughput: one task, %s", precision)
-        m = one_task(setup, task, steps, precision=precision, work=work)
+        m = against_trainer(setup, task, steps, precision=precision, work=work)
         measurements[f"one_task_{precision}"] = m
         suffix = "" if precision == "fp32" else f" ({precision}, GPU)"
         for key, label in (("examples_per_s", "examples/s"), ("tokens_per_s", "tokens/s")):

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks import accuracy, memory, report, seed_recipe, throughput, upload
+from benchmarks.__main__ import BENCHMARKS, run_all
 from benchmarks.__main__ import main as bench_main
 from benchmarks.common import BenchError, Plan, Setup, default_model, fastest, write_result
 from tests.conftest import SHARED_GLUE, make_tiny_bert, write_tasks_file
+from trainer.config import DEMO_DIR
 
 TINY = Plan(repeats=2, warmup_steps=1, timed_steps=3, fixed_length=24, recipe_samples=40, recipe_repeats=1,
             memory_steps=3, memory_repeats=1, memory_reference=True, accuracy_steps=3, accuracy_seeds=(1, 2), accuracy_eval_samples=12,
-            upload_repeats=1)
+            upload_repeats=1, decoder_layers=2, decoder_width=32, decoder_length=32)
 
 
 def tiny_pretrained(directory: Path) -> Path:
@@ -168,6 +170,41 @@ def test_upload_compares_commits_with_plain_uploads(tiny_encoder, pair_tasks, tm
         assert run["bytes"] == m["checkpoint_bytes"] and math.isclose(run["mb_per_s"], run["bytes"] / run["seconds"] / 1e6)
 
 
+def test_causal_lm_compares_the_decoder_with_the_plain_trainer_and_2_tasks_with_1(tiny_encoder, pair_tasks, tmp_path):
+    setup = make_setup(tiny_encoder, pair_tasks, tmp_path, decoder_tasks_file=DEMO_DIR / "decoder" / "tasks.json")
+    assert "causal_lm" in BENCHMARKS
+    run_all(setup, ["causal_lm"])
+    res = json.loads((setup.out_dir / "causal_lm.json").read_text())
+    check_ratios(res)
+    figures = {f["label"]: f for f in res["figures"]}
+    speed = "tokens/s: multitask / Trainer (AutoModelForCausalLM), causal LM"
+    sizes = ["weights file size: 2 tasks / 1 task", "checkpoint size: 2 tasks / 1 task"]
+    reference = ["weights file size: multitask 1 task / Trainer (AutoModelForCausalLM)",
+                 "checkpoint size: multitask 1 task / Trainer (AutoModelForCausalLM)"]
+    for label in [speed, "examples/s: multitask / Trainer (AutoModelForCausalLM), causal LM", *sizes, *reference]:
+        assert math.isfinite(figures[label]["value"]) and figures[label]["value"] > 0, label
+    assert figures[speed]["goal"] == [">=", 0.97] and all(figures[s]["goal"] == ["<=", 1.05] for s in sizes)
+
+    m = res["measurements"]
+    assert m["decoder"]["layers"] == TINY.decoder_layers and m["decoder"]["tie_word_embeddings"]
+    one = m["one_task_fp32"]
+    assert one["same_batches"] and len(one["trainer"]) == len(one["multitask"]) == TINY.repeats
+    for run in one["trainer"] + one["multitask"]:
+        assert run["steps"] == TINY.timed_steps and run["examples"] == TINY.timed_steps * setup.batch_size
+    assert figures[speed]["numerator"] == fastest(one["multitask"])["tokens_per_s"]
+    checkpoints = {name: runs[0] for name, runs in m["checkpoints"].items()}
+    single, both, plain = checkpoints["multitask_1_task"], checkpoints["multitask_2_tasks"], checkpoints["trainer_1_task"]
+    assert single["tasks"] == plain["tasks"] == ["demo_reverse"] and both["tasks"] == ["demo_reverse", "demo_majority"]
+    assert both["parameters"] > single["parameters"] == plain["parameters"]  # a classification head more
+    for got in (single, both, plain):  # the tied head is the embeddings: stored once, under their name
+        assert got["lm_head_tensors"] == [] and got["steps"] == TINY.memory_steps
+        assert got["weights_bytes"] < got["checkpoint_bytes"] and "optimizer.pt" in got["checkpoint_files"]
+    assert single["weights_tensors"] == plain["weights_tensors"]
+    assert "| weights file size: 2 tasks / 1 task |" in (setup.out_dir / "SUMMARY.md").read_text()
+    if find_spec("matplotlib"):
+        assert (setup.out_dir / "causal_lm.png").stat().st_size > 0
+
+
 def test_the_command_writes_results_and_prints_the_summary(tiny_encoder, pair_tasks, tmp_path, capsys):
     out = tmp_path / "results"
     code = bench_main(["--only", "accuracy", "--model", str(tiny_encoder), "--tasks-file", str(pair_tasks),
@@ -178,6 +215,9 @@ def test_the_command_writes_results_and_prints_the_summary(tiny_encoder, pair_ta
     assert (out / "SUMMARY.md").read_text() in printed
     assert json.loads((out / "accuracy.json").read_text())["mode"] == "quick"
     assert bench_main(["--only", "nope", "--model", str(tiny_encoder)]) == 2
+    # the causal-LM benchmark builds its own decoder: it gets to its own checks without an encoder
+    assert bench_main(["--only", "causal_lm", "--decoder-tasks-file", str(tmp_path / "none.json"), "--out", str(out)]) == 2
+    assert f"the decoder tasks file {tmp_path / 'none.json'} does not exist" in capsys.readouterr().err
 
 
 def test_the_benchmark_model_loads_offline_or_its_absence_names_the_fix():
