@@ -106,6 +106,8 @@ def test_both_tasks_export_and_the_pipelines_give_the_multitask_models_outputs(t
         assert lm.get_output_embeddings().weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
     prompts = validation_prompts(decoder_tasks)[:6]
     generate = pipeline("text-generation", model=str(export / "rewrite"))
+    assert tokenizer.padding_side == "left"  # the exported tokenizer pads prompts for generation
+    batched = generate([p + "<sep>" for p in prompts], batch_size=3, max_new_tokens=8, do_sample=False, return_full_text=False)
     for prompt in prompts:
         ids = tokenizer(prompt + "<sep>", return_tensors="pt")
         ours = model.heads["rewrite"].generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -113,6 +115,7 @@ def test_both_tasks_export_and_the_pipelines_give_the_multitask_models_outputs(t
         assert torch.equal(ours, theirs)
         text = generate(prompt + "<sep>", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
         assert text == tokenizer.decode(ours[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert batched[prompts.index(prompt)][0]["generated_text"] == text
     classify = pipeline("text-classification", model=str(export / "color"))
     clf = AutoModelForSequenceClassification.from_pretrained(export / "color").eval()
     assert clf.config.pad_token_id == tokenizer.eos_token_id
@@ -179,3 +182,36 @@ def test_bad_input_stops_before_training_with_one_line(tiny_gpt2, decoder_tasks,
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
     assert not (tmp_path / "out" / RUN / "checkpoint-1").exists()
+
+
+def test_under_ddp_each_rank_generates_its_share_and_the_scores_are_the_single_process_ones(tiny_gpt2, tmp_path):
+    """torchrun, 2 processes over gloo: the evaluation's generation is sharded (every other row per
+    rank, 23 rows so the shares differ) and gathered back in order; `evaluate` of the same final
+    model in one process scores the same texts."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_decoder_tasks
+    from trainer import commands
+    from trainer.config import load_config
+
+    tasks = write_decoder_tasks(tmp_path / "tasks", n_eval=23)
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "ENV_FILE": "", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "trainer", "train", *flags(tiny_gpt2, tasks, out, num_train_epochs=16)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "batches on each of 2 processes" in done.stdout + done.stderr
+    distributed = json.loads((out / RUN / "metrics.json").read_text())["eval"]
+    assert distributed["eval_rewrite_chrf"] > 0.1, distributed  # texts were generated and gathered
+    alone = commands.evaluate(load_config({"output_dir": str(out), "run_name": RUN, "max_new_tokens": 8, "eval_batch_size": 8},
+                                          environ={}, env_file=""))
+    for key in ("eval_rewrite_exact_match", "eval_rewrite_chrf", "eval_color_accuracy"):
+        assert alone[key] == pytest.approx(distributed[key]), key

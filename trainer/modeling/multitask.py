@@ -194,7 +194,19 @@ class MultitaskModel(nn.Module):
         directory = Path(directory)
         standalone.save_pretrained(directory)
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            # A generating decoder's batches are padded on the left (training pads on the right).
+            # save_pretrained writes init_kwargs, not the attribute: set both, then put them back.
+            side, saved = tokenizer.padding_side, tokenizer.init_kwargs.get("padding_side")
+            wanted = spec.task_type.export_padding_side or side
+            tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = wanted
+            try:
+                tokenizer.save_pretrained(directory)
+            finally:
+                tokenizer.padding_side = side
+                if saved is None:
+                    tokenizer.init_kwargs.pop("padding_side", None)
+                else:
+                    tokenizer.init_kwargs["padding_side"] = saved
         return directory
 
 

@@ -76,6 +76,7 @@ class TaskType:
     tokenizer_kwargs: dict[str, Any] = {}  # what the tokenizer must be loaded with for this type
     label_columns: tuple[str, ...] = ("label",)  # the roles holding what is learned (not model inputs)
     generates: bool = False  # evaluation and predict generate text (see `GenerationType`)
+    export_padding_side: str | None = None  # the exported tokenizer's padding side (None: as trained)
 
     # ---------------------------------------------------------------- the declaration
     def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
