@@ -1,4 +1,4 @@
-"""A `seq2seq` task beside a classification head on one encoder-decoder backbone (T5 architecture),
+"""A `seq2seq` task beside a classification head on one encoder-decoder backbone (T5 and BART),
 end to end with the real CLI: it trains and evaluates with generation metrics, holds the backbone
 once (the language-model head tied to the shared embeddings), exports both tasks, and the exports
 give the multitask model's outputs (`AutoModelForSeq2SeqLM.generate`; `pipeline` for the
@@ -11,22 +11,23 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli, write_decoder_tasks
+from tests.conftest import make_tiny_encoder_decoder, run_cli, write_decoder_tasks
 from tests.runs import weights
 
 RUN = "s2s"
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_t5, tmp_path_factory):
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def trained(request, tmp_path_factory):
+    model = make_tiny_encoder_decoder(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
     tasks = write_decoder_tasks(tmp_path_factory.mktemp("s2s-tasks"), generation_type="seq2seq")
     out = tmp_path_factory.mktemp("s2s")
-    values = {"model_name": tiny_t5, "model_init": "scratch", "tasks_file": tasks, "tasks": "rewrite,color",
+    values = {"model_name": model, "model_init": "scratch", "tasks_file": tasks, "tasks": "rewrite,color",
               "output_dir": out, "run_name": RUN, "num_train_epochs": 12, "train_batch_size": 8, "eval_batch_size": 8,
               "learning_rate": 3e-3, "max_seq_length": 32, "max_new_tokens": 8, "seed": 4}
     done = run_cli("train", *[f"--{k}={v}" for k, v in values.items()], env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return tiny_t5, tasks, out / RUN
+    return model, tasks, out / RUN
 
 
 def prompts(tasks) -> list[str]:

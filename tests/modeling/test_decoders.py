@@ -85,3 +85,24 @@ def test_a_type_the_backbone_cannot_serve_is_one_line_naming_what_it_serves(tiny
     assert str(err.value) == ("task 'mc': tiny-gpt2 (gpt2) cannot serve type multiple_choice: transformers has no "
                               "AutoModelForMultipleChoice for it; it serves classification, regression, token_classification, "
                               "causal_lm; use another backbone or drop the task")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_regression_on_a_decoder_pools_at_the_last_token_before_padding(arch, tmp_path):
+    """A padded row scores as the same row alone: the head reads the last real token, found by
+    the pad id (EOS here), never the padding."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = make_tiny_decoder(tmp_path / arch, arch)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), [])
+    backbone = fit_backbone(AutoModel.from_config(AutoConfig.from_pretrained(folder)), tokenizer)
+    spec = build_spec({"name": "score", "type": "regression", "files": {"train": "/d/t.jsonl"}})
+    model = MultitaskModel(backbone, [spec]).eval()
+    batch = tokenizer(["red dog", "the blue car is near"], padding=True, return_tensors="pt")
+    alone = tokenizer(["red dog"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(task="score", **batch, labels=torch.tensor([0.5, 2.0]))
+        single = model(task="score", **alone).logits
+    assert out.logits.shape == (2, 1) and torch.isfinite(out.loss)
+    assert torch.allclose(out.logits[0], single[0], atol=1e-5)
+

@@ -409,9 +409,11 @@ class MultitaskTrainer(Trainer):
         """The texts `task`'s head generates for every row of `dataset`, in order, and the rows'
         targets when it holds training rows (labels), else None.
 
-        Each prompt (the row's ids before its labels start) is padded on the left, and the head
+        Each prompt (a decoder's: the row's ids before its labels start; an encoder-decoder's: its
+        source) is padded on the type's `prompt_padding` side, and the head
         generates up to MAX_NEW_TOKENS with NUM_BEAMS beams (sampling only with DO_SAMPLE) until
         EOS. Under DDP each rank generates every world_size-th row and the texts are gathered.
+        A progress bar, `Generation <task>`, counts the main process's batches.
         """
         from accelerate.utils import gather_object
 
@@ -433,12 +435,21 @@ class MultitaskTrainer(Trainer):
         pad, eos, device = tokenizer.pad_token_id, tokenizer.eos_token_id, self.args.device
         mine = list(range(self.args.process_index, len(prompts), self.args.world_size))
         texts: dict[int, str] = {}
+        batch = self.args.eval_batch_size
+        show = self.is_world_process_zero() and not self.args.disable_tqdm
+        bar = tqdm(total=-(-len(mine) // batch), desc=f"Generation {task.name}", leave=False, dynamic_ncols=True, disable=not show)
         with torch.no_grad():
-            for start in range(0, len(mine), self.args.eval_batch_size):
-                rows = mine[start : start + self.args.eval_batch_size]
+            for start in range(0, len(mine), batch):
+                rows = mine[start : start + batch]
                 width = max(len(prompts[i]) for i in rows)
-                input_ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in rows], device=device)
-                mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in rows], device=device)
+                left = task_type.prompt_padding == "left"
+                ids_rows, mask_rows = [], []
+                for i in rows:
+                    fill = width - len(prompts[i])
+                    ids_rows.append([pad] * fill + prompts[i] if left else prompts[i] + [pad] * fill)
+                    mask_rows.append([0] * fill + [1] * len(prompts[i]) if left else [1] * len(prompts[i]) + [0] * fill)
+                input_ids = torch.tensor(ids_rows, device=device)
+                mask = torch.tensor(mask_rows, device=device)
                 generated = head.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                                           num_beams=cfg.num_beams, do_sample=cfg.do_sample, pad_token_id=pad,
                                           eos_token_id=eos)
@@ -446,6 +457,8 @@ class MultitaskTrainer(Trainer):
                     row = task_type.generated_tokens(row, width)
                     row = row[: row.index(eos)] if eos in row else row
                     texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+                bar.update(1)
+        bar.close()
         model.train(was_training)
         if self.args.world_size > 1:
             texts = {i: t for part in gather_object([texts]) for i, t in part.items()}

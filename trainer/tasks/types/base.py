@@ -267,6 +267,7 @@ class GenerationType(TaskType):
     has_label_set = False
     generates = True
     default_metrics = ("chrf", "exact_match")
+    prompt_padding = "left"  # where a batch of generation inputs is padded: a decoder continues its prompt's end
 
     @property
     def metrics(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ class Seq2Seq(GenerationType):
     required_columns = ("source", "target")
     auto_class = "AutoModelForSeq2SeqLM"
     pipeline = None  # transformers 5 has no text2text pipeline: the export loads with AutoModelForSeq2SeqLM
+    prompt_padding = "right"  # the encoder reads the source as in training (BART's positions are absolute)
 
     def encode(self, spec: TaskSpec, batch: dict, tokenizer, max_length: int, with_labels: bool) -> dict:
         sources = [str(s) for s in batch[spec.columns["source"]]]
