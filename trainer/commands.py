@@ -94,7 +94,8 @@ def tokenize_tasks(cfg: Config, specs: list[TaskSpec], raw: list[dict], tokenize
     for spec, splits in zip(specs, raw):
         max_length = spec.max_length or cfg.max_seq_length
         tokenized = {name: tokenize(spec, ds, tokenizer, max_length) for name, ds in splits.items()}
-        tasks.append(TaskData(spec, tokenized.get("train"), tokenized.get("validation"), make_collator(spec, tokenizer)))
+        tasks.append(TaskData(spec, tokenized.get("train"), tokenized.get("validation"), make_collator(spec, tokenizer),
+                              make_collator(spec, tokenizer, stage="eval")))
     return tasks
 
 
@@ -290,12 +291,20 @@ def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
     sampler = trainer.make_batch_sampler()
     tasks = []
     for task, batch_size, lengths in zip(trainer.tasks, sampler.batch_sizes, trainer.train_lengths()):
-        declaration = {k: v for k, v in task.spec.to_dict().items() if k not in ("files", "hub", "hub_config", "splits", "metrics")}
+        # Unset (None) keys are left out: a later version's new declaration keys keep a run's identity.
+        declaration = {k: v for k, v in task.spec.to_dict().items()
+                       if k not in ("files", "hub", "hub_config", "splits", "metrics") and v is not None}
         tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
-                      "data": data_fingerprint(lengths, task.train["labels"])})
+                      "data": data_fingerprint(lengths, task.train[_learned_column(task.train)])})
     return run_identity(cfg, precision=precision, world_size=trainer.args.world_size,
                         drop_last=trainer.args.dataloader_drop_last, tasks=tasks)
+
+
+def _learned_column(train) -> str:
+    """The tokenized column holding what a task learns: `labels`, or the token ids where the
+    collator makes the labels (masked_lm)."""
+    return "labels" if "labels" in train.column_names else "input_ids"
 
 
 def _shared_resume_plan(cfg: Config, store, trainer, identity: dict[str, Any]):
@@ -692,7 +701,7 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     if not generates:
         check_columns(spec, "input", ds)
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length, with_labels=not generates)
-    data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer))
+    data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer, stage="predict"))
     rows = _trainer_for(cfg, model, [data], tokenizer, path).predict_rows(data, tokenized)
     _write_jsonl(out_path, rows)
     logger.info("Wrote %d predictions to %s", len(rows), out_path)

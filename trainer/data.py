@@ -333,20 +333,25 @@ def example_lengths(ds) -> np.ndarray:
     return np.asarray([max(len(c) for c in x) if x and isinstance(x[0], list) else len(x) for x in ids])
 
 
-def make_collator(spec: TaskSpec, tokenizer, pad_to_multiple_of: int | None = None):
-    """The task type's dynamic-padding collator (pads each batch to its longest example)."""
-    return spec.task_type.collator(tokenizer, pad_to_multiple_of)
+def make_collator(spec: TaskSpec, tokenizer, pad_to_multiple_of: int | None = None, *, stage: str = "train"):
+    """The task type's dynamic-padding collator (pads each batch to its longest example) for
+    `stage`: "train", "eval" or "predict"."""
+    task_type = spec.task_type
+    make = {"train": task_type.collator, "eval": task_type.eval_collator, "predict": task_type.predict_collator}[stage]
+    return make(tokenizer, pad_to_multiple_of)
 
 
 # ------------------------------------------------------------------------------ per-task bundle
 @dataclass
 class TaskData:
-    """A task's resolved spec, tokenized splits and collator."""
+    """A task's resolved spec, tokenized splits and collators (evaluation's, when it differs from
+    training's: see `TaskType.eval_collator`)."""
 
     spec: TaskSpec
     train: Any | None
     validation: Any | None
     collator: Any
+    eval_collator: Any | None = None
 
     @property
     def name(self) -> str:

@@ -13,10 +13,20 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from trainer.tasks.metrics import CLASS_METRICS, GENERATION_METRICS, METRICS, chance_level, compute, generation_chance
+from trainer.tasks.metrics import (
+    CLASS_METRICS,
+    GENERATION_METRICS,
+    METRICS,
+    answer_scores,
+    chance_level,
+    compute,
+    generation_chance,
+    normalize_answer,
+)
 
 # Every metric of trainer.tasks.metrics must have a test here: a new one fails this until it gets one.
-TESTED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "entity_f1", "exact_match", "chrf", "bleu", "rougeL"}
+TESTED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "entity_f1", "exact_match", "chrf", "bleu", "rougeL",
+          "masked_accuracy"}
 
 
 def test_every_metric_is_tested_here():
@@ -28,6 +38,28 @@ def test_accuracy():
     assert compute("accuracy", [0, 1, 2, 1], [0, 1, 1, 1]) == 0.75
     assert compute("accuracy", ["O", "B-x"], ["O", "O"]) == 0.5
     assert compute("accuracy", [], []) == 0.0
+
+
+def test_masked_accuracy_is_the_accuracy_of_the_masked_tokens_ids():
+    assert compute("masked_accuracy", [5, 9, 7], [5, 8, 7]) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------ extractive answers (SQuAD)
+def test_answers_are_normalized_as_the_official_squad_evaluation_does():
+    assert normalize_answer("The  Farm!") == "farm"
+    assert normalize_answer("an apple, a pear.") == "apple pear"
+    assert normalize_answer("Theatre") == "theatre"  # articles as words only
+
+
+def test_squad_scores_take_the_best_gold_answer_and_the_empty_answer_to_no_question():
+    scores = answer_scores(["the farm", "red car", "", "blue"], [["Farm"], ["a red bus", "car"], [], ["green"]])
+    assert scores["exact_match"] == pytest.approx(2 / 4)  # "farm", and the empty answer to an unanswerable question
+    # "red car" against "red bus" has F1 1/2, against "car" 2/3 (precision 1/2, recall 1): the best counts.
+    assert scores["f1"] == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
+    assert answer_scores(["x"], [[]]) == {"exact_match": 0.0, "f1": 0.0}  # an answer where there is none
+    assert answer_scores([], []) == {"exact_match": 0.0, "f1": 0.0}
+    with pytest.raises(ValueError, match="2 answers for 1 questions"):
+        answer_scores(["a", "b"], [["a"]])
 
 
 # ------------------------------------------------------------------------------ f1

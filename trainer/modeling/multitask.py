@@ -39,8 +39,9 @@ class MultitaskModel(nn.Module):
     """Shared encoder + `heads[task]`. `forward(task=..., **inputs)` runs that task's head and loss."""
 
     def __init__(self, encoder, specs: list[TaskSpec], *, pretrained: str | None = None):
-        """`pretrained`: the model the backbone was loaded from, whose untied language-model head
-        (Llama's, Mistral's `lm_head`) the causal-LM heads start from (see `load_output_embeddings`)."""
+        """`pretrained`: the model the backbone was loaded from, whose language-model head weights
+        (Llama's untied `lm_head`, BERT's masked-LM transform) such heads start from (see
+        `load_pretrained_head`)."""
         super().__init__()
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
@@ -63,7 +64,7 @@ class MultitaskModel(nn.Module):
                             f"{spec.task_type.auto_class}; use another backbone or drop the task") from e
         bind_backbone(head, self.encoder, spec)
         if pretrained is not None:
-            load_output_embeddings(head, self.encoder, pretrained, spec)
+            load_pretrained_head(head, self.encoder, pretrained, spec)
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
     def _tied_keys(self) -> dict[str, str]:
@@ -99,15 +100,17 @@ class MultitaskModel(nn.Module):
         """Run `task`'s head: its usual `ModelOutput` with the loss (given labels) and the logits only.
 
         Hidden states and attentions are dropped so that evaluation's predictions are always the
-        logits array (the Trainer would otherwise gather a tuple of every output).
+        type's `output_names` (the logits; a QA head's start and end logits): the Trainer would
+        otherwise gather a tuple of every output.
 
         Raises:
             KeyError: unknown task.
         """
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
-        out = self.heads[task](**inputs, return_dict=True)
-        return type(out)(loss=out.loss, logits=out.logits)
+        task_type = self.specs[task].task_type
+        out = self.heads[task](**task_type.head_inputs(inputs), return_dict=True)
+        return type(out)(loss=out.loss, **{name: getattr(out, name) for name in task_type.output_names})
 
     def floating_point_ops(self, inputs: dict) -> int:
         """Floating-point operations of a forward and backward pass over one batch, counted as the
@@ -242,33 +245,46 @@ def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
         output.weight = backbone.get_input_embeddings().weight
 
 
-def load_output_embeddings(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
-    """Start an untied language-model head from the pretrained model's own (`AutoModel` loads the
-    backbone only, so Llama's or Mistral's `lm_head` would otherwise start random). Only that
-    tensor is read from the checkpoint's safetensors (one shard of a sharded model), not a second
-    copy of the model; rows of tokens added since (SPECIAL_TOKENS) start at the mean of the others,
-    as the resized input embeddings do. A tied head (GPT-2, Gemma, small Qwen) needs nothing."""
-    output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
-    if output is None or output.weight is backbone.get_input_embeddings().weight:
+def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
+    """Start a language-model head from the pretrained model's own weights, for the types that
+    keep them (`loads_pretrained_head`): `AutoModel` loads the backbone only, so Llama's or
+    Mistral's untied `lm_head`, or BERT's and RoBERTa's masked-LM transform (`cls.predictions.*`,
+    `lm_head.*`), would otherwise start random. Only the head's own tensors (not the bound
+    backbone's, nor an output layer tied to it) are read from the checkpoint's safetensors (the
+    shards holding them), not a second copy of the model; rows of tokens added since
+    (SPECIAL_TOKENS) start at the mean of the others, as the resized input embeddings do. A
+    tensor the checkpoint lacks keeps its initialisation (logged).
+
+    Raises:
+        TaskError: a saved tensor's shape does not fit the head (MODEL_NAME and TOKENIZER_NAME
+            that do not belong together).
+    """
+    if not spec.task_type.loads_pretrained_head:
         return
-    name = next(n for n, m in head.named_modules() if m is output)
-    saved = _pretrained_tensor(pretrained, f"{name}.weight")
-    if saved is None:
-        logger.warning("task %s: %s holds no %s.weight: its language-model head starts from random weights",
-                       spec.name, pretrained, name)
+    shared = {id(p) for p in backbone.parameters()}
+    own = {name: p for name, p in head.named_parameters(remove_duplicate=True) if id(p) not in shared}
+    if not own:
         return
-    weight = output.weight
-    if saved.shape[1:] != weight.shape[1:] or saved.shape[0] > weight.shape[0]:
-        raise TaskError(f"task {spec.name!r}: {pretrained}'s {name}.weight has shape {tuple(saved.shape)}, the head "
-                        f"{tuple(weight.shape)}; check MODEL_NAME and TOKENIZER_NAME belong together")
+    saved = _pretrained_tensors(pretrained, list(own))
+    absent = [name for name in own if name not in saved]
+    if absent:
+        logger.warning("task %s: %s holds no %s: %s from random weights", spec.name, pretrained, ", ".join(absent[:3])
+                       + (" …" if len(absent) > 3 else ""), "they start" if len(absent) > 1 else "it starts")
     with torch.no_grad():
-        weight[: saved.shape[0]] = saved.to(weight.dtype)
-        if saved.shape[0] < weight.shape[0]:
-            weight[saved.shape[0]:] = saved.to(weight.dtype).mean(0)
+        for name, tensor in saved.items():
+            weight = own[name]
+            if tensor.shape == weight.shape:
+                weight.copy_(tensor.to(weight.dtype))
+            elif tensor.shape[1:] == weight.shape[1:] and tensor.shape[0] < weight.shape[0]:  # vocabulary rows
+                weight[: tensor.shape[0]] = tensor.to(weight.dtype)
+                weight[tensor.shape[0]:] = tensor.to(weight.dtype).mean(0)
+            else:
+                raise TaskError(f"task {spec.name!r}: {pretrained}'s {name} has shape {tuple(tensor.shape)}, the head "
+                                f"{tuple(weight.shape)}; check MODEL_NAME and TOKENIZER_NAME belong together")
 
 
-def _pretrained_tensor(model_name: str, key: str):
-    """One tensor of a model's safetensors weights (local folder or Hub cache), or None."""
+def _pretrained_tensors(model_name: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of `keys` that a model's safetensors weights (local folder or Hub cache) hold."""
     from safetensors import safe_open
     from transformers.utils import cached_file
 
@@ -278,14 +294,22 @@ def _pretrained_tensor(model_name: str, key: str):
 
     index = find("model.safetensors.index.json")
     if index:
-        shard = json.loads(Path(index).read_text()).get("weight_map", {}).get(key)
-        path = find(shard) if shard else None
+        weight_map = json.loads(Path(index).read_text()).get("weight_map", {})
+        shards: dict[str, list[str]] = {}
+        for key in keys:
+            if key in weight_map:
+                shards.setdefault(weight_map[key], []).append(key)
     else:
-        path = find("model.safetensors")
-    if not path:
-        return None
-    with safe_open(path, "pt") as f:
-        return f.get_tensor(key) if key in f.keys() else None
+        shards = {"model.safetensors": keys}
+    out = {}
+    for shard, wanted in shards.items():
+        path = find(shard)
+        if not path:
+            continue
+        with safe_open(path, "pt") as f:
+            present = set(f.keys())
+            out.update({key: f.get_tensor(key) for key in wanted if key in present})
+    return out
 
 
 def check_backbone(specs: list[TaskSpec], config, model_name: str) -> None:

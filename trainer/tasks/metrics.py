@@ -173,6 +173,48 @@ def _rouge_l(pred: Sequence[str], ref: Sequence[str], num_labels: int | None = N
     return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(pred, ref)) / len(ref)
 
 
+def normalize_answer(text: str) -> str:
+    """An answer as the official SQuAD evaluation compares it: lowercased, without punctuation,
+    without the articles a, an and the, with whitespace collapsed."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def _answer_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of two normalized answers; an empty one matches only an empty one."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
+    """`exact_match` and `f1` of extractive answers as the official SQuAD v1.1/v2.0 evaluation
+    computes them, on 0-1: per question the best over its gold answers (a question without one
+    is answered right by the empty answer), averaged over the questions.
+
+    Raises:
+        ValueError: a different number of predictions and questions.
+    """
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} answers for {len(golds)} questions; give one answer per question")
+    if not golds:
+        return {"exact_match": 0.0, "f1": 0.0}
+    em = f1 = 0.0
+    for prediction, answers in zip(predictions, golds):
+        answers = list(answers) or [""]
+        em += max(float(normalize_answer(prediction) == normalize_answer(a)) for a in answers)
+        f1 += max(_answer_f1(prediction, a) for a in answers)
+    return {"exact_match": em / len(golds), "f1": f1 / len(golds)}
+
+
 METRICS: dict[str, Callable] = {
     "accuracy": _accuracy,
     "f1": _f1,
@@ -184,6 +226,7 @@ METRICS: dict[str, Callable] = {
     "chrf": _chrf,
     "bleu": _bleu,
     "rougeL": _rouge_l,
+    "masked_accuracy": _accuracy,  # token ids at the masked positions (masked_lm)
 }
 
 # Metrics that compare class ids (the others compare scores, tag sequences or texts).

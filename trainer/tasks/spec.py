@@ -46,6 +46,9 @@ class TaskSpec:
     max_length: int | None = None
     special_tokens: tuple[str, ...] = ()  # added to the tokenizer (e.g. a separator), besides SPECIAL_TOKENS
     separator: str | None = None  # generation types: the text between the prompt and the target (e.g. <sep>)
+    unanswerable: bool | None = None  # extractive_qa: rows may have no answer (SQuAD 2.0)
+    stride: int | None = None  # extractive_qa: tokens shared by consecutive windows of a long context
+    max_answer_length: int | None = None  # extractive_qa: the longest answer span, in tokens
 
     @property
     def task_type(self) -> TaskType:
@@ -178,16 +181,20 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     if separator is not None and (not isinstance(separator, str) or not separator):
         raise TaskError(f"{where}: 'separator' must be a non-empty text, e.g. \"<sep>\" (declare it in special_tokens too)")
 
-    for key in ("batch_size", "max_length"):
+    for key in ("batch_size", "max_length", "stride", "max_answer_length"):
         value = merged.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise TaskError(f"{where}: {key} must be a positive integer, got {value!r}")
+    unanswerable = merged.get("unanswerable")
+    if unanswerable is not None and not isinstance(unanswerable, bool):
+        raise TaskError(f"{where}: unanswerable must be true or false, got {unanswerable!r}")
 
     spec = TaskSpec(
         name=name, type=type_name, columns=columns, hub=hub, hub_config=merged.get("hub_config"), files=files, splits=splits, labels=labels,
         num_labels=num_labels if num_labels is not None else task_type.default_num_labels(),
         metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
-        special_tokens=tuple(special), separator=separator,
+        special_tokens=tuple(special), separator=separator, unanswerable=unanswerable,
+        stride=merged.get("stride"), max_answer_length=merged.get("max_answer_length"),
     )
     task_type.check_spec(spec, where)
     return spec

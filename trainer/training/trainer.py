@@ -383,7 +383,7 @@ class MultitaskTrainer(Trainer):
     def task_dataloader(self, task: TaskData, dataset, description: str | None = None) -> DataLoader:
         """Sequential loader over one task's data, sharded across ranks by accelerate; `description`
         names its progress bar (`TaskProgressCallback`)."""
-        collate = MultitaskCollator([task.name], [task.collator])
+        collate = MultitaskCollator([task.name], [task.eval_collator or task.collator])
         loader = DataLoader(
             _Tagged(dataset),
             batch_size=self.args.eval_batch_size,
@@ -398,12 +398,17 @@ class MultitaskTrainer(Trainer):
     def predict_task(self, task: TaskData, dataset, *, metric_key_prefix: str = "test"):
         """Run `task`'s head over `dataset`; returns transformers' `EvalLoopOutput`."""
         description = f"Prediction {task.name}"
-        return self.evaluation_loop(
-            self.task_dataloader(task, dataset, description),
-            description=description,
-            prediction_loss_only=False,
-            metric_key_prefix=f"{metric_key_prefix}_{task.name}",
-        )
+        return self.task_loop(task, dataset, description, prediction_loss_only=False,
+                              metric_key_prefix=f"{metric_key_prefix}_{task.name}")
+
+    def task_loop(self, task: TaskData, dataset, description: str, **kwargs):
+        """The Trainer's `evaluation_loop` over one task's data, keeping of each batch's outputs
+        what the task's type scores (`reduce_logits`: a masked-LM head's logits span the vocabulary)."""
+        self.preprocess_logits_for_metrics = task.spec.task_type.reduce_logits
+        try:
+            return self.evaluation_loop(self.task_dataloader(task, dataset, description), description=description, **kwargs)
+        finally:
+            self.preprocess_logits_for_metrics = None
 
     def generate_task(self, task: TaskData, dataset) -> tuple[list[str], list[str] | None]:
         """The texts `task`'s head generates for every row of `dataset`, in order, and the rows'
@@ -472,7 +477,7 @@ class MultitaskTrainer(Trainer):
             texts, _ = self.generate_task(task, dataset)
             return spec.task_type.prediction_rows(spec, texts)
         out = self.predict_task(task, dataset)
-        return spec.task_type.prediction_rows(spec, out.predictions, out.label_ids)
+        return spec.task_type.split_prediction_rows(spec, out.predictions, out.label_ids, dataset, self.processing_class)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluate every task with a validation split; logs `<prefix>_<task>_<metric>` for every metric
@@ -487,23 +492,24 @@ class MultitaskTrainer(Trainer):
                 continue
             description = f"Evaluation {task.name}"
             generates = task.spec.task_type.generates
-            output = self.evaluation_loop(
-                self.task_dataloader(task, task.validation, description),
-                description=description,
+            task_type = task.spec.task_type
+            output = self.task_loop(
+                task, task.validation, description,
                 prediction_loss_only=generates,  # a generation task's logits (tokens x vocabulary) are never kept
                 ignore_keys=ignore_keys,
                 metric_key_prefix=f"{metric_key_prefix}_{task.name}",
             )
             n_samples += output.num_samples
             results.update(output.metrics)
+            loss = output.metrics.get(f"{metric_key_prefix}_{task.name}_loss")
+            if task_type.reports_perplexity and loss is not None:
+                results[f"{metric_key_prefix}_{task.name}_perplexity"] = math.exp(min(loss, 50.0))  # e^50: no signal anyway
             if generates:
                 texts, references = self.generate_task(task, task.validation)
-                task_scores = task.spec.task_type.score_texts(task.spec, texts, references)
-                loss = output.metrics.get(f"{metric_key_prefix}_{task.name}_loss")
-                if loss is not None:
-                    results[f"{metric_key_prefix}_{task.name}_perplexity"] = math.exp(min(loss, 50.0))  # e^50: no signal anyway
+                task_scores = task_type.score_texts(task.spec, texts, references)
             else:
-                task_scores = score_task(task.spec, output.predictions, output.label_ids)
+                task_scores = task_type.score_split(task.spec, output.predictions, output.label_ids, task.validation,
+                                                    self.processing_class)
             for name, value in task_scores.items():
                 results[f"{metric_key_prefix}_{task.name}_{name}"] = value
             # One number per task: a task listing two metrics (STS-B's pearson and spearmanr) would

@@ -39,7 +39,7 @@ def test_declaration():
         spec(labels=["a", "b"])
     with pytest.raises(TaskError, match="accuracy do not apply to type causal_lm"):
         spec(metrics=["accuracy"])
-    with pytest.raises(TaskError, match="'separator' applies to generation types"):
+    with pytest.raises(TaskError, match="'separator' applies to type causal_lm, not to type"):
         make_spec("classification", separator="<sep>")
     plain = make_spec("causal_lm")  # language modelling of `target` alone
     assert plain.columns == {"target": "target"} and plain.separator is None

@@ -18,6 +18,8 @@ from .. import metrics as metric_fns
 from ..errors import TaskError
 
 IGNORED = -100  # the label of positions the loss (and the metrics) skip
+# Declaration keys that only some types take (each type lists its own in `options`); None: not given.
+TYPE_OPTIONS = ("separator", "unanswerable", "stride", "max_answer_length")
 
 if TYPE_CHECKING:
     from ..spec import TaskSpec
@@ -77,15 +79,24 @@ class TaskType:
     label_columns: tuple[str, ...] = ("label",)  # the roles holding what is learned (not model inputs)
     generates: bool = False  # evaluation and predict generate text (see `GenerationType`)
     export_padding_side: str | None = None  # the exported tokenizer's padding side (None: as trained)
+    options: tuple[str, ...] = ()  # the type-specific declaration keys (`TYPE_OPTIONS`) this type takes
+    output_names: tuple[str, ...] = ("logits",)  # the head's outputs evaluation and `predict` keep
+    reports_perplexity: bool = False  # evaluation logs exp(loss) as `<task>_perplexity` (a language-model loss)
+    loads_pretrained_head: bool = False  # the head's own weights start from MODEL_NAME's (a language-model head)
 
     # ---------------------------------------------------------------- the declaration
     def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
         """Refuse a label declaration this type cannot take (raises TaskError, `where` first)."""
 
     def check_spec(self, spec: TaskSpec, where: str) -> None:
-        """Refuse a built declaration this type cannot take (raises TaskError, `where` first)."""
-        if spec.separator is not None:
-            raise TaskError(f"{where}: 'separator' applies to generation types (causal_lm), not to type {self.name}; remove it")
+        """Refuse a built declaration this type cannot take (raises TaskError, `where` first): by
+        default, a type-specific option (`TYPE_OPTIONS`) that is not one of this type's `options`."""
+        from . import TASK_TYPES
+
+        for key in TYPE_OPTIONS:
+            if getattr(spec, key) is not None and key not in self.options:
+                takers = [name for name, t in TASK_TYPES.items() if key in t.options]
+                raise TaskError(f"{where}: '{key}' applies to type {' and '.join(takers)}, not to type {self.name}; remove it")
 
     def default_num_labels(self) -> int | None:
         """num_labels when the declaration gives none (None: read from the data)."""
@@ -132,6 +143,25 @@ class TaskType:
 
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
+    def eval_collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """The collator of evaluation batches: the training one unless the training one is random
+        (masked-LM masking), where evaluation must score the same inputs at every evaluation."""
+        return self.collator(tokenizer, pad_to_multiple_of)
+
+    def predict_collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """The collator of `predict` batches (inputs with placeholder labels)."""
+        return self.eval_collator(tokenizer, pad_to_multiple_of)
+
+    def head_inputs(self, inputs: dict) -> dict:
+        """The batch as the head's `forward` takes it (a batch carries what it learns as `labels`;
+        a head may name it otherwise, e.g. start and end positions)."""
+        return inputs
+
+    def reduce_logits(self, logits, labels):
+        """What evaluation keeps of one batch's outputs (the Trainer's `preprocess_logits_for_metrics`):
+        all of them by default; a type whose logits span the vocabulary keeps only what it scores."""
+        return logits
+
     def placeholder_labels(self, spec: TaskSpec, ds):
         """`ds` (inputs to predict) with a placeholder label per row, so batching is as in training."""
         first = spec.labels[0] if spec.labels else 0.0
@@ -177,6 +207,16 @@ class TaskType:
         pred = self.decode(spec, logits, label_ids)
         ref = np.asarray(label_ids).reshape(-1)
         return {name: metric_fns.compute(name, pred, ref, self.num_labels(spec)) for name in spec.metrics}
+
+    def score_split(self, spec: TaskSpec, predictions, label_ids, split, tokenizer) -> dict[str, float]:
+        """The task's metrics on a tokenized split whose outputs are `predictions`: `score` by
+        default; a type whose rows are several model inputs (extractive QA's windows) or whose
+        texts need the tokenizer reads them from `split`."""
+        return self.score(spec, predictions, label_ids)
+
+    def split_prediction_rows(self, spec: TaskSpec, predictions, label_ids, split, tokenizer) -> list[dict[str, Any]]:
+        """What `predict` writes for a tokenized split: `prediction_rows` by default (see `score_split`)."""
+        return self.prediction_rows(spec, predictions, label_ids)
 
     def references(self, label_ids) -> np.ndarray:
         """The split's labels as one flat array (what a constant guess is scored against)."""
@@ -266,6 +306,8 @@ class GenerationType(TaskType):
     label_columns = ("target",)
     has_label_set = False
     generates = True
+    reports_perplexity = True
+    loads_pretrained_head = True  # an untied lm_head (Llama's, Mistral's) is not in AutoModel's weights
     default_metrics = ("chrf", "exact_match")
     prompt_padding = "left"  # where a batch of generation inputs is padded: a decoder continues its prompt's end
 

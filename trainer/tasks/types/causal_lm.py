@@ -31,9 +31,7 @@ class CausalLM(GenerationType):
     auto_class = "AutoModelForCausalLM"
     pipeline = "text-generation"
     export_padding_side = "left"  # batches of prompts in `pipeline("text-generation")`
-
-    def check_spec(self, spec: TaskSpec, where: str) -> None:
-        """Any separator is fine (the base refuses one): it is declared for this type."""
+    options = ("separator",)
 
     # ---------------------------------------------------------------- encoding
     def _pieces(self, spec: TaskSpec, tokenizer) -> tuple[list[int], list[int], list[int]]:
