@@ -19,6 +19,7 @@ from .errors import TaskError
 from .metrics import METRICS
 from .presets import PRESETS
 from .types import TASK_TYPES, TaskType
+from .types.base import TYPE_OPTIONS
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -196,6 +197,10 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         special_tokens=tuple(special), separator=separator, unanswerable=unanswerable,
         stride=merged.get("stride"), max_answer_length=merged.get("max_answer_length"),
     )
+    for key in TYPE_OPTIONS:
+        if getattr(spec, key) is not None and key not in task_type.options:
+            takers = [n for n, t in TASK_TYPES.items() if key in t.options]
+            raise TaskError(f"{where}: '{key}' applies to type {' and '.join(takers)}, not to type {type_name}; remove it")
     task_type.check_spec(spec, where)
     return spec
 

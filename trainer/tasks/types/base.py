@@ -89,14 +89,9 @@ class TaskType:
         """Refuse a label declaration this type cannot take (raises TaskError, `where` first)."""
 
     def check_spec(self, spec: TaskSpec, where: str) -> None:
-        """Refuse a built declaration this type cannot take (raises TaskError, `where` first): by
-        default, a type-specific option (`TYPE_OPTIONS`) that is not one of this type's `options`."""
-        from . import TASK_TYPES
-
-        for key in TYPE_OPTIONS:
-            if getattr(spec, key) is not None and key not in self.options:
-                takers = [name for name, t in TASK_TYPES.items() if key in t.options]
-                raise TaskError(f"{where}: '{key}' applies to type {' and '.join(takers)}, not to type {self.name}; remove it")
+        """Refuse a built declaration this type cannot take (raises TaskError, `where` first).
+        (A type-specific option, `TYPE_OPTIONS`, that is not one of its `options` is refused by
+        `build_spec`, which knows every type.)"""
 
     def default_num_labels(self) -> int | None:
         """num_labels when the declaration gives none (None: read from the data)."""
