@@ -13,6 +13,7 @@ from trainer.data import (
     MultitaskCollator,
     MultitaskDataset,
     example_lengths,
+    load_split,
     load_task,
     make_collator,
     tokenize,
@@ -202,9 +203,12 @@ def test_missing_file(tmp_path):
         ("bad.jsonl", '{"s": "a", "y": "pos"}\n{"s": "b", "y": \n{"s": "c", "y": "neg"}\n',
          "cannot load bad.jsonl: line 2 is not valid JSON (Expecting value at column 17); fix it (one JSON object per line)"),
         ("latin.csv", "s,y\na,pos\ncaf\xe9,neg\n".encode("latin-1"),
-         "cannot load latin.csv: it is not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8"),
+         "cannot load latin.csv: it is not UTF-8 text (byte 0xe9 on line 3); save it as UTF-8 or declare its encoding (e.g. encoding: latin-1)"),
         ("latin.jsonl", '{"s": "a", "y": "pos"}\n{"s": "caf\xe9", "y": "neg"}\n'.encode("latin-1"),
-         "cannot load latin.jsonl: it is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+         "cannot load latin.jsonl: it is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8 or declare its encoding (e.g. encoding: latin-1)"),
+        # pandas would make the first field of a first row longer than the header an index, each field a column off.
+        ("index.csv", "s,y\na,b,pos\nc,neg\n",
+         "cannot load index.csv: line 2 has 3 fields where the header has 2; fix that row (quote a field that holds a comma)"),
         ("empty.jsonl", "", "the split is empty; give it data or remove the task"),
         ("blank.tsv", "\n\n", "the split is empty; give it data or remove the task"),
     ],
@@ -352,3 +356,301 @@ def test_cli_a_ner_set_with_sentences_of_different_lengths_trains_evaluates_and_
     assert set(metrics["chance"]["ner"]) == {"entity_f1", "accuracy"}
     assert verify_local(out / "ner" / "final").step == 12  # committed, with the exported task
     assert (out / "ner" / "final" / "export" / "ner" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ data files as their authors distribute them
+# GLUE CoLA: four tab-separated columns (source, label, original label, sentence), no header line.
+COLA = [
+    ("gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."),
+    ("gj04", "1", "", "One more pseudo generalization and I'm giving up."),
+    ("gj04", "0", "*", "They drank the pub."),
+    ("cj99", "1", "", 'The "quoted" word keeps its quotes.'),
+]
+COLA_NAMES = ["source", "label", "original_label", "sentence"]
+
+
+def _cola(tmp_path, rows=COLA, header: list[str] | None = None) -> str:
+    path = tmp_path / "cola.tsv"
+    path.write_text("".join("\t".join(r) + "\n" for r in ([header] if header else []) + list(rows)))
+    return str(path)
+
+
+def _error(spec) -> str:
+    with pytest.raises(TaskError) as err:
+        load_task(spec)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_a_headerless_tsv_in_colas_layout_keeps_its_first_row(tmp_path):
+    path = _cola(tmp_path)
+    named = build_spec({"name": "cola", "type": "classification", "files": {"train": path}, "header": False,
+                        "column_names": COLA_NAMES, "columns": {"text": "sentence"}})
+    spec, splits = load_task(named)
+    assert splits["train"]["sentence"] == [r[3] for r in COLA]  # the first line is a row, not the header; quotes kept
+    assert splits["train"]["original_label"] == ["", "", "*", ""]
+    assert spec.labels == ("0", "1")
+
+    by_position = build_spec({"name": "cola", "type": "classification", "files": {"train": path}, "header": False,
+                              "columns": {"text": 3, "label": 1}})
+    assert by_position.columns == {"text": "3", "label": "1"}
+    spec, splits = load_task(by_position)
+    assert splits["train"].column_names == ["0", "1", "2", "3"] and splits["train"]["3"] == [r[3] for r in COLA]
+    assert build_spec({**named.to_dict(), "columns": {"text": 3}}).columns["text"] == "sentence"  # a position in column_names
+
+
+def test_a_header_line_that_looks_like_data_says_so_with_the_fix(tmp_path):
+    path = _cola(tmp_path)
+    spec = build_spec({"name": "cola", "type": "classification", "files": {"train": path},
+                       "columns": {"text": "sentence", "label": "label"}})
+    assert _error(spec) == (
+        f"task 'cola', split train: column 'sentence' (role 'text') not found: line 1 of {path} looks like data, not a header "
+        "(gj04, 1, , Our friends won't buy t…); if the file has no header line, declare header: false with column_names: "
+        "[...] naming its 4 columns (or give the columns by position, 0 to 3)")
+
+
+def test_header_false_on_a_file_that_starts_with_its_header_is_refused(tmp_path):
+    path = _cola(tmp_path, header=COLA_NAMES)
+    declared = {"name": "cola", "type": "classification", "files": {"train": path}, "header": False, "column_names": COLA_NAMES,
+                "columns": {"text": "sentence"}}
+    expected = (f"task 'cola', split train: line 1 of {path} is a header (source, label, original_label, sentence), but the "
+                "task declares header: false; remove header: false (and column_names) so that the header names the columns")
+    assert _error(build_spec(declared)) == expected
+    _cola(tmp_path, header=["src", "label", "orig", "sentence"])  # other names, but every field a declared column
+    assert "is a header (src, label, orig, sentence)" in _error(build_spec({**declared, "column_names": ["src", "label", "orig", "sentence"]}))
+    ok = build_spec({key: value for key, value in declared.items() if key not in ("header", "column_names")})
+    assert len(load_task(ok)[1]["train"]) == len(COLA)
+
+
+def test_headerless_files_name_the_right_line(tmp_path):
+    long_row = [*COLA[:2], ("gj04", "1", "", "a sentence", "an extra field")]
+    spec = build_spec({"name": "cola", "type": "classification", "files": {"train": _cola(tmp_path, long_row)},
+                       "header": False, "column_names": COLA_NAMES, "columns": {"text": "sentence"}})
+    assert _error(spec).endswith("line 3 has 5 fields where column_names has 4; fix that row (a TSV field cannot hold a tab)")
+    no_label = [("gj04", "", "", "no label on the first line"), *COLA]
+    spec = build_spec({**spec.to_dict(), "files": {"train": _cola(tmp_path, no_label)}})
+    assert _error(spec).startswith(f"task 'cola', split train, line 1 of {tmp_path / 'cola.tsv'}: no label in column 'label'")
+    spec = build_spec({"name": "c", "type": "classification", "files": {"train": _csv(tmp_path, "t.csv", "a,pos\nb,neg\n\nc,\n")},
+                       "header": False, "columns": {"text": 0, "label": 1}})
+    assert _error(spec).startswith(f"task 'c', split train, line 4 of {tmp_path / 't.csv'}: no label in column '1'")
+
+
+def test_delimiter_quoting_and_encoding(tmp_path):
+    def loaded(name: str, content: bytes | str, **options):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        spec = build_spec({"name": "o", "type": "classification", "files": {"train": str(path)},
+                           "columns": {"text": "s", "label": "y"}, **options})
+        return load_task(spec)[1]["train"]["s"]
+
+    assert loaded("pipe.csv", 's|y\n"a|b"|pos\nc|neg\n', delimiter="|") == ["a|b", "c"]
+    assert loaded("raw.csv", 's,y\n"a" b,pos\nc,neg\n', quoting="none") == ['"a" b', "c"]
+    assert loaded("quoted.tsv", 's\ty\n"a\tb"\tpos\nc\tneg\n', quoting="minimal") == ["a\tb", "c"]
+    assert loaded("semi.tsv", "s;y\ncaf\xe9;pos\nth\xe9;neg\n".encode("latin-1"), delimiter=";", encoding="latin-1") == ["café", "thé"]
+    latin = "s\ty\ncaf\xe9\tpos\nth\xe9\tneg\nna\xefve\t\n".encode("latin-1")
+    with pytest.raises(TaskError, match=r"^task 'o', split train, line 4 of .*latin.tsv: no label in column 'y'"):
+        loaded("latin.tsv", latin, encoding="latin-1")  # the line helpers read latin-1 too
+    with pytest.raises(TaskError, match=r"line 3 has 3 fields where the header has 2; fix that row \(quote a field that holds the delimiter '\|'\)$"):
+        loaded("ragged.csv", "s|y\na|pos\nb|c|neg\n", delimiter="|")
+
+
+# The official CommonsenseQA JSON Lines: the question and its choices nested in an object.
+def _csqa_line(i: int, answer: str, stem: str | None = None) -> dict:
+    words = ["cat", "saw", "red", "bus", "rice"]
+    return {"answerKey": answer, "id": f"q{i}", "question": {
+        "question_concept": "thing", "choices": [{"label": label, "text": w} for label, w in zip("ABCDE", words)],
+        "stem": stem or f"which one of these is thing {i}?"}}
+
+
+def _jsonl(tmp_path, name: str, rows: list) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+CSQA_COLUMNS = {"question": "question.stem", "choices": "question.choices", "label": "answerKey"}
+
+
+def test_commonsense_qa_jsonl_reaches_the_nested_question_and_choices(tmp_path, tokenizer):
+    path = _jsonl(tmp_path, "csqa.jsonl", [_csqa_line(0, "B"), _csqa_line(1, "E"), _csqa_line(2, "A")])
+    spec, splits = load_task(build_spec({"name": "csqa", "type": "multiple_choice", "files": {"train": path},
+                                         "columns": CSQA_COLUMNS}))
+    ds = splits["train"]
+    assert ds["question.stem"] == [f"which one of these is thing {i}?" for i in range(3)]  # a column named by the path
+    assert ds["question.choices"][0][1] == {"label": "B", "text": "saw"}
+    assert spec.labels == ("A", "B", "C", "D", "E")  # the first row's choice labels
+    assert tokenize(spec, ds, tokenizer, 32)["labels"] == [1, 4, 0]
+
+
+def test_a_wrong_dotted_path_says_what_is_there(tmp_path):
+    path = _jsonl(tmp_path, "csqa.jsonl", [_csqa_line(0, "B"), _csqa_line(1, "A")])
+
+    def error(**columns) -> str:
+        return _error(build_spec({"name": "csqa", "type": "multiple_choice", "files": {"train": path},
+                                  "columns": {**CSQA_COLUMNS, **columns}}))
+
+    assert error(question="question.text") == (
+        "task 'csqa', split train: column 'question.text' (role 'question') not found: 'question' holds an object with fields "
+        "choices, question_concept, stem; set columns.question to one of question.choices, question.question_concept, question.stem")
+    assert error(question="id.text").startswith(
+        "task 'csqa', split train: column 'id.text' (role 'question') not found: 'id' holds a text, not an object with field 'text'")
+    assert error(question="query.stem").startswith("task 'csqa', split train: column 'query.stem' (role 'question') not found; "
+                                                   "the data has answerKey, id, question")
+    assert error(choices="question") == (
+        f"task 'csqa', split train, line 1 of {path}: column 'question' holds an object with fields choices, question_concept, "
+        "stem, not choices; "
+        "set columns.choices to the column (or dotted path) that holds the list of choices")
+    _jsonl(tmp_path, "csqa.jsonl", [_csqa_line(0, "B"), {"answerKey": "A", "id": "q1", "question": None}])
+    assert error() == (f"task 'csqa', split train, line 2 of {path}: 'question' holds null (or nothing) where column "
+                       "'question.stem' (role 'question') needs an object; fill it in or remove the row")
+
+
+def test_a_label_not_among_the_rows_choice_labels_names_the_line(tmp_path):
+    path = _jsonl(tmp_path, "csqa.jsonl", [_csqa_line(0, "B"), _csqa_line(1, "F")])
+    message = _error(build_spec({"name": "csqa", "type": "multiple_choice", "files": {"train": path}, "columns": CSQA_COLUMNS}))
+    assert message == (f"task 'csqa', split train, line 2 of {path}: label 'F' in column 'answerKey' is not among the row's "
+                       "choice labels (A, B, C, D, E); fix the label or the choices")
+
+
+# The official SQuAD JSON: one document, its questions in data[].paragraphs[].qas[].
+SQUAD_V1 = {"version": "1.1", "data": [
+    {"title": "Cats", "paragraphs": [
+        {"context": "The cat sat on the mat.", "qas": [
+            {"id": "c1", "question": "Where did the cat sit?", "answers": [{"text": "on the mat", "answer_start": 12}]},
+            {"id": "c2", "question": "What sat?", "answers": [{"text": "The cat", "answer_start": 0}]}]},
+        {"context": "Cats sleep a lot.", "qas": [
+            {"id": "c3", "question": "What do cats do a lot?", "answers": [{"text": "sleep", "answer_start": 5}]}]}]},
+    {"title": "Dogs", "paragraphs": [
+        {"context": "The dog barked.", "qas": [
+            {"id": "d1", "question": "What did the dog do?", "answers": [{"text": "barked", "answer_start": 8}]}]}]},
+]}
+
+
+def _squad_spec(path: str, records: str = "data.paragraphs.qas"):
+    # Loading is the same for every type: a classification declaration reads the rows that
+    # extractive question answering would.
+    return build_spec({"name": "squad", "type": "classification", "files": {"train": path}, "records": records,
+                       "columns": {"text": "question", "text_pair": "paragraphs.context", "label": "id"}})
+
+
+def test_squad_json_records_give_one_row_per_question(tmp_path):
+    path = tmp_path / "train-v1.1.json"
+    path.write_text(json.dumps(SQUAD_V1, indent=2))
+    ds = load_split(_squad_spec(str(path)), "train")
+    assert ds["id"] == ["c1", "c2", "c3", "d1"]
+    assert ds["paragraphs.context"] == ["The cat sat on the mat."] * 2 + ["Cats sleep a lot.", "The dog barked."]
+    assert ds["data.title"] == ["Cats", "Cats", "Cats", "Dogs"]
+    assert ds[0]["answers"] == [{"text": "on the mat", "answer_start": 12}]
+    assert "paragraphs.qas" not in ds.column_names and "data.paragraphs" not in ds.column_names
+
+    # SQuAD v2: is_impossible on every question, plausible_answers only on the unanswerable ones.
+    v2 = json.loads(json.dumps(SQUAD_V1))
+    for article in v2["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["is_impossible"] = False
+    v2["data"][1]["paragraphs"][0]["qas"].append({"id": "d2", "question": "What did the cat bark?", "answers": [],
+                                                  "is_impossible": True,
+                                                  "plausible_answers": [{"text": "barked", "answer_start": 8}]})
+    path.write_text(json.dumps(v2))
+    ds = load_split(_squad_spec(str(path)), "train")
+    assert ds["is_impossible"] == [False] * 4 + [True]
+    assert ds["plausible_answers"][0] is None and ds["plausible_answers"][4] == [{"text": "barked", "answer_start": 8}]
+    assert ds["answers"][4] == []
+
+    # JSON Lines: each line's lists, from the line's own fields.
+    lines = tmp_path / "articles.jsonl"
+    lines.write_text("".join(json.dumps(article) + "\n" for article in SQUAD_V1["data"]))
+    ds = load_split(_squad_spec(str(lines), "paragraphs.qas"), "train")
+    assert ds["id"] == ["c1", "c2", "c3", "d1"] and ds["paragraphs.context"][3] == "The dog barked."
+
+
+@pytest.mark.parametrize(
+    ("records", "problem"),
+    [
+        ("data.paragraph.qas", "'data[0]' has no field 'paragraph'; it has paragraphs, title"),
+        ("dat.paragraphs.qas", "the document has no field 'dat'; it has data, version"),
+        ("data.title.qas", "'data[0].title' holds a text, not a list of objects"),
+        ("data.paragraphs.context", "'data[0].paragraphs[0].context' holds a text, not a list of objects"),
+        ("version", "'version' holds a text, not a list of objects"),
+    ],
+)
+def test_a_wrong_records_path_says_what_is_there(tmp_path, records, problem):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(SQUAD_V1))
+    assert _error(_squad_spec(str(path), records)) == f"task 'squad', split train: records: {records}: {problem}; fix 'records' for {path}"
+
+
+def test_records_in_json_lines_name_the_line(tmp_path):
+    path = _jsonl(tmp_path, "articles.jsonl", [SQUAD_V1["data"][0], {"title": "Empty", "paragraph": []}])
+    assert _error(_squad_spec(path, "paragraphs.qas")) == (
+        f"task 'squad', split train: records: paragraphs.qas: line 2: the document has no field 'paragraphs'; it has "
+        f"paragraph, title; fix 'records' for {path}")
+
+
+def test_cli_commonsense_qa_jsonl_beside_a_headerless_tsv_trains_evaluates_and_predicts(tmp_path, tiny_model, capsys):
+    # Both files as distributed: CommonsenseQA's nested JSON Lines, CoLA's TSV without a header line.
+    import logging
+    import random
+
+    from tests.conftest import run_cli, tiny_flags
+    from trainer.cli import main
+    from trainer.demo.generate import CATEGORIES
+
+    rng = random.Random(5)
+    names = list(CATEGORIES)
+
+    def question(i: int) -> dict:
+        category, *others = rng.sample(names, 5)
+        words = [rng.choice(CATEGORIES[c]) for c in [category, *others]]
+        right = rng.randrange(5)
+        words[0], words[right] = words[right], words[0]
+        return {"answerKey": "ABCDE"[right], "id": f"q{i}", "question": {
+            "question_concept": category, "choices": [{"label": label, "text": w} for label, w in zip("ABCDE", words)],
+            "stem": f"which one of these is a {category} ?"}}
+
+    def sentence() -> tuple[str, str, str, str]:
+        words = ["the", rng.choice(CATEGORIES["animal"]), "is", "near", "the", rng.choice(CATEGORIES["place"])]
+        good = rng.random() < 0.5
+        return ("gj04", "1" if good else "0", "" if good else "*", " ".join(words if good else rng.sample(words, len(words))))
+
+    for split, n in (("train", 48), ("dev", 16)):
+        _jsonl(tmp_path, f"csqa_{split}.jsonl", [question(i) for i in range(n)])
+        (tmp_path / f"cola_{split}.tsv").write_text("".join("\t".join(sentence()) + "\n" for _ in range(n)))
+    (tmp_path / "tasks.yaml").write_text("""
+tasks:
+  - name: csqa
+    type: multiple_choice
+    files: {train: csqa_train.jsonl, validation: csqa_dev.jsonl}
+    columns: {question: question.stem, choices: question.choices, label: answerKey}
+  - name: cola
+    type: classification
+    files: {train: cola_train.tsv, validation: cola_dev.tsv}
+    header: false
+    column_names: [source, label, original_label, sentence]
+    columns: {text: sentence}
+    metrics: [matthews_correlation, accuracy]
+""")
+    out = tmp_path / "outputs"
+    flags = tiny_flags(tiny_model, tmp_path / "tasks.yaml", out, tasks="csqa,cola", run_name="formats", max_steps=6,
+                       eval_steps=6, save_steps=6)
+    done = run_cli("train", *flags, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "formats" / "metrics.json").read_text())
+    assert {"eval_csqa_accuracy", "eval_cola_matthews_correlation", "eval_cola_accuracy"} <= set(metrics["eval"])
+    assert set(metrics["chance"]) == {"csqa", "cola"}
+
+    # predict reads inputs in the task's own format, without labels.
+    inputs, predictions = tmp_path / "questions.jsonl", tmp_path / "predictions.jsonl"
+    _jsonl(tmp_path, inputs.name, [{k: v for k, v in question(i).items() if k != "answerKey"} for i in range(3)])
+    handlers = list(logging.getLogger().handlers)
+    try:
+        code = main(["predict", "--task=csqa", f"--input={inputs}", f"--output={predictions}",
+                     f"--checkpoint={out / 'formats' / 'final'}"])
+    finally:
+        for handler in set(logging.getLogger().handlers) - set(handlers):
+            logging.getLogger().removeHandler(handler)
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["label"] in "ABCDE" and r["label"] == "ABCDE"[r["index"]] for r in rows)
+    assert all(len(r["probabilities"]) == 5 for r in rows)

@@ -22,6 +22,7 @@ from .config import Config
 from .data import (
     TEXT_SUFFIXES,
     TaskData,
+    add_path_columns,
     input_columns,
     load_file,
     load_task,
@@ -291,9 +292,7 @@ def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
     sampler = trainer.make_batch_sampler()
     tasks = []
     for task, batch_size, lengths in zip(trainer.tasks, sampler.batch_sizes, trainer.train_lengths()):
-        # Unset (None) keys are left out: a later version's new declaration keys keep a run's identity.
-        declaration = {k: v for k, v in task.spec.to_dict().items()
-                       if k not in ("files", "hub", "hub_config", "splits", "metrics") and v is not None}
+        declaration = {k: v for k, v in task.spec.to_dict().items() if k not in ("files", "hub", "hub_config", "splits", "metrics")}
         tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
                       "data": data_fingerprint(lengths, task.train[_learned_column(task.train)])})
@@ -644,11 +643,14 @@ def export(cfg: Config, checkpoint: str | None = None, output: str | None = None
 
 
 def _read_inputs(path: Path, spec: TaskSpec):
-    """The inputs file as a dataset, checked as `train` checks a task's data files.
+    """The inputs file as a dataset, checked as `train` checks a task's data files. It is read
+    with its suffix's defaults (a header line in a .csv or .tsv, UTF-8), not with the task's
+    reader options: inputs are written for `predict`, in whatever layout the training files had.
 
     Raises:
         TaskError: the file is missing, of another type, not UTF-8, malformed or empty (see
-            `data.load_file`); it lacks an input column of the task, or a row has no value in one.
+            `data.load_file`); it lacks an input column of the task (or a dotted one does not lead
+            to a value: see `data.add_path_columns`), or a row has no value in one.
     """
     where = f"--input={str(path)!r}"
     if not path.is_file():
@@ -657,17 +659,22 @@ def _read_inputs(path: Path, spec: TaskSpec):
         raise TaskError(f"{where}: use a .jsonl, .json, .csv or .tsv file")
     ds = load_file(path, "test", where=where, empty="it has no rows; give it one input per row (after a header line in a .csv or .tsv)")
     needed = input_columns(spec)
+    as_trained = f"name the input columns as in the task's data ({', '.join(c for _, c in needed)})"
+
+    def at(row: int) -> str:
+        line = source_line(path, row)
+        return f"{where}, " + (f"line {line}" if line else f"row {row + 1}")
+
+    # Inputs in the task's own format reach its dotted columns (CommonsenseQA's question.stem) too.
+    ds = add_path_columns(ds, needed, where=where, row_at=at, fix=as_trained)
     for role, col in needed:
         if col not in ds.column_names:
             raise TaskError(f"{where}: no column {col!r} (role {role!r}) for task {spec.name!r}; it has "
-                            f"{', '.join(ds.column_names)}; name the input columns as in the task's data "
-                            f"({', '.join(c for _, c in needed)})")
+                            f"{', '.join(ds.column_names)}; {as_trained}")
     missing = missing_input(spec, ds)
     if missing is not None:
         row, col, role = missing
-        line = source_line(path, row)
-        raise TaskError(f"{where}, " + (f"line {line}" if line else f"row {row + 1}") +
-                        f": no value in column {col!r} (role {role!r}); fill it in or remove the row")
+        raise TaskError(f"{at(row)}: no value in column {col!r} (role {role!r}); fill it in or remove the row")
     return ds
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trainer.config import ConfigError, load_config
-from trainer.tasks import PRESETS, TASK_TYPES, TaskError, build_spec, read_tasks_file, resolve_tasks
+from trainer.tasks import PRESETS, TASK_TYPES, TaskError, TaskSpec, build_spec, read_tasks_file, resolve_tasks
 
 
 @pytest.mark.parametrize("name", ["stsb", "rte", "commonsense_qa", "mrpc", "cola", "sst2"])
@@ -93,6 +93,23 @@ BASE = {"name": "t", "type": "classification", "files": {"train": "a.csv"}, "col
         ({"batch_size": 0}, "batch_size"),
         ({"preset": "mnli"}, "unknown preset"),
         ({"name": "bad name!"}, "bad or missing name"),
+        # Reader options: each applies to some file types only, and takes the values listed.
+        ({"header": "no"}, "'header' must be true or false"),
+        ({"column_names": ["s", "y"]}, "'column_names' names the columns of a file without a header line: add header: false"),
+        ({"header": False, "column_names": ["s", "s"]}, "'column_names' must be a list of distinct column names"),
+        ({"header": False, "column_names": ["a", "b"]}, r"columns.text is 's', not one of column_names \(a, b\)"),
+        ({"header": False}, "columns.text is 's', but a file without a header line .* has no column names"),
+        ({"columns": {"text": 3, "label": "y"}}, "columns.text is 3, a position: positions name the columns of a file without a header"),
+        ({"header": False, "column_names": ["s", "y"], "columns": {"text": 2, "label": 1}}, r"columns.text is position 2; positions count from 0 \(0 to 1"),
+        ({"delimiter": "||"}, "'delimiter' must be one character"),
+        ({"delimiter": "\\t"}, "'delimiter' is a backslash and a t, not a tab"),
+        ({"quoting": "some"}, "'quoting' must be one of none, minimal, all, nonnumeric"),
+        ({"encoding": "latin-9x"}, "'encoding' 'latin-9x' is not a text encoding Python knows"),
+        ({"records": "data..qas"}, "'records' must be a dotted path"),
+        ({"files": {"train": "a.jsonl"}, "delimiter": "|"}, "'delimiter' applies to .csv, .tsv files, not to a.jsonl; remove it"),
+        ({"files": {"train": "a.csv", "validation": "b.parquet"}, "encoding": "latin-1"}, "'encoding' applies to .csv, .tsv, .jsonl, .json files, not to b.parquet"),
+        ({"records": "data.paragraphs.qas"}, "'records' applies to .jsonl, .json files, not to a.csv"),
+        ({"files": None, "hub": "x/y", "quoting": "none"}, "'quoting' applies to local 'files', not to a Hub dataset"),
     ],
 )
 def test_bad_declarations(change, message):
@@ -125,3 +142,18 @@ def test_duplicate_task_in_file(tmp_path):
     path.write_text(json.dumps([BASE, BASE]))
     with pytest.raises(TaskError, match="declared twice"):
         read_tasks_file(path)
+
+
+def test_reader_options_round_trip_and_older_saved_specs_still_load():
+    spec = build_spec({**BASE, "files": {"train": "a.tsv"}, "header": False, "column_names": ["src", "y", "orig", "s"],
+                       "delimiter": "|", "quoting": "minimal", "encoding": "latin-1", "columns": {"text": 3, "label": 1}})
+    assert spec.columns == {"text": "s", "label": "y"} and spec.column_names == ("src", "y", "orig", "s")
+    saved = json.loads(json.dumps(spec.to_dict()))
+    assert TaskSpec.from_dict(saved) == spec
+    records = build_spec({**BASE, "files": {"train": "train-v2.0.json"}, "records": "data.paragraphs.qas"})
+    assert TaskSpec.from_dict(json.loads(json.dumps(records.to_dict()))) == records
+    # Left out at their defaults: a declaration without them is saved (and hashed) as before.
+    plain = build_spec(BASE)
+    assert not {"header", "column_names", "delimiter", "quoting", "encoding", "records"} & set(plain.to_dict())
+    older = {k: v for k, v in plain.to_dict().items() if k != "separator"}  # a multitask.json of an older version
+    assert TaskSpec.from_dict(older) == plain and plain.header is True and plain.records is None

@@ -7,6 +7,7 @@ is in its module under `types`, which `TaskSpec.task_type` returns.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
@@ -22,6 +23,23 @@ from .types import TASK_TYPES, TaskType
 from .types.base import TYPE_OPTIONS
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+QUOTING = ("none", "minimal", "all", "nonnumeric")  # the csv module's QUOTE_* constants, by name
+
+# How the files are read, and the file types each option applies to. The defaults are those of the
+# suffix: .tsv tab-delimited with quoting off (GLUE's quote characters are text), .csv comma-delimited
+# with minimal quoting, every text file UTF-8 (checked before loading), a header line in .csv/.tsv.
+READER_OPTIONS = {
+    "header": (".csv", ".tsv"),
+    "column_names": (".csv", ".tsv"),
+    "delimiter": (".csv", ".tsv"),
+    "quoting": (".csv", ".tsv"),
+    "encoding": (".csv", ".tsv", ".jsonl", ".json"),
+    "records": (".jsonl", ".json"),
+}
+_READER_DEFAULTS = {"header": True, "column_names": None, "delimiter": None, "quoting": None, "encoding": None,
+                        "records": None}
+# Keys added after the first saved format, left out of `to_dict` at their defaults (see there).
+_LATER_DEFAULTS = {**_READER_DEFAULTS, "unanswerable": None, "stride": None, "max_answer_length": None}
 
 
 @dataclass(frozen=True)
@@ -30,7 +48,14 @@ class TaskSpec:
 
     Data comes from `hub` (a Hub dataset id, with `hub_config` naming its configuration) or
     `files` ({split: path}); `splits`
-    names the train/validation splits in that source.
+    names the train/validation splits in that source. A column may be a dotted path into nested
+    objects (`question.stem`): the loaded split gets a column of that name (see `data.add_path_columns`).
+
+    How `files` are read (`data.ReaderOptions` holds them for the readers): `header` (False: a
+    .csv/.tsv whose first line is data), `column_names` (the names of a headerless file's
+    columns; without them "0", "1", …), `delimiter`, `quoting` (a `QUOTING` name), `encoding`
+    (None: UTF-8) and `records` (the dotted path of nested lists whose innermost elements are the
+    rows of a JSON document, e.g. SQuAD's `data.paragraphs.qas`). None: the file suffix's default.
     """
 
     name: str
@@ -50,6 +75,12 @@ class TaskSpec:
     unanswerable: bool | None = None  # extractive_qa: rows may have no answer (SQuAD 2.0)
     stride: int | None = None  # extractive_qa: tokens shared by consecutive windows of a long context
     max_answer_length: int | None = None  # extractive_qa: the longest answer span, in tokens
+    header: bool = True  # .csv/.tsv: the first line names the columns (False: it is the first row)
+    column_names: tuple[str, ...] | None = None  # a headerless file's columns (None: "0", "1", …)
+    delimiter: str | None = None  # .csv/.tsv, one character (None: tab for .tsv, comma for .csv)
+    quoting: str | None = None  # .csv/.tsv, a QUOTING name (None: none for .tsv, minimal for .csv)
+    encoding: str | None = None  # text files (None: UTF-8, checked before loading)
+    records: str | None = None  # .json/.jsonl: the dotted path of nested lists whose elements are the rows
 
     @property
     def task_type(self) -> TaskType:
@@ -61,17 +92,25 @@ class TaskSpec:
         return self.metrics[0]
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON values. Keys added since the first format (reader and type
+        options) are left out at their defaults: a declaration without them is written (and
+        hashed into a run's identity, so a run resumes across versions) as before they existed,
+        and older versions can still read it."""
         d = dataclasses.asdict(self)
         d["labels"] = list(self.labels) if self.labels is not None else None
         d["metrics"] = list(self.metrics)
         d["special_tokens"] = list(self.special_tokens)
+        d["column_names"] = list(self.column_names) if self.column_names is not None else None
+        for key, default in _LATER_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
         """The spec `to_dict` wrote (a saved model's multitask.json); keys it lacks take their defaults."""
         d = dict(d)
-        for key in ("labels", "metrics", "special_tokens"):
+        for key in ("labels", "metrics", "special_tokens", "column_names"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -153,6 +192,9 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         files = resolved
         splits = {s: s for s in files}
 
+    reader = _reader_options(merged, where, files)
+    columns = _positions_named(columns, reader, where)
+
     labels = merged.get("labels")
     num_labels = merged.get("num_labels")
     if labels is not None:
@@ -195,7 +237,7 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         num_labels=num_labels if num_labels is not None else task_type.default_num_labels(),
         metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
         special_tokens=tuple(special), separator=separator, unanswerable=unanswerable,
-        stride=merged.get("stride"), max_answer_length=merged.get("max_answer_length"),
+        stride=merged.get("stride"), max_answer_length=merged.get("max_answer_length"), **reader,
     )
     for key in TYPE_OPTIONS:
         if getattr(spec, key) is not None and key not in task_type.options:
@@ -203,6 +245,100 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
             raise TaskError(f"{where}: '{key}' applies to type {' and '.join(takers)}, not to type {type_name}; remove it")
     task_type.check_spec(spec, where)
     return spec
+
+
+def _reader_options(merged: dict[str, Any], where: str, files: dict[str, str] | None) -> dict[str, Any]:
+    """The declared reader options (`READER_OPTIONS`), checked; those not declared are left out.
+
+    Raises:
+        TaskError: an option of a wrong type or value, or one that does not apply to the task's
+            files (or to a Hub dataset).
+    """
+    options: dict[str, Any] = {}
+    header = merged.get("header", True)
+    if not isinstance(header, bool):
+        raise TaskError(f"{where}: 'header' must be true or false, got {header!r}")
+    if not header:
+        options["header"] = False
+    names = merged.get("column_names")
+    if names is not None:
+        if (not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names)
+                or len({str(n) for n in names}) != len(names) or not all(str(n).strip() for n in names)):
+            raise TaskError(f"{where}: 'column_names' must be a list of distinct column names, one per column of the file, "
+                            "e.g. [source, label, original_label, sentence]")
+        if header:
+            raise TaskError(f"{where}: 'column_names' names the columns of a file without a header line: add header: false "
+                            "(a file with a header line is named by its header)")
+        options["column_names"] = tuple(str(n) for n in names)
+    delimiter = merged.get("delimiter")
+    if delimiter is not None:
+        if delimiter == "\\t":
+            raise TaskError(f"{where}: 'delimiter' is a backslash and a t, not a tab; write \"\\t\" in double quotes")
+        if not isinstance(delimiter, str) or len(delimiter) != 1 or delimiter in "\r\n\"":
+            raise TaskError(f"{where}: 'delimiter' must be one character (not a quote or a line break), e.g. \"|\" or \";\", "
+                            f"got {delimiter!r}")
+        options["delimiter"] = delimiter
+    quoting = merged.get("quoting")
+    if quoting is not None:
+        if quoting not in QUOTING:
+            raise TaskError(f"{where}: 'quoting' must be one of {', '.join(QUOTING)}, got {quoting!r}")
+        options["quoting"] = quoting
+    encoding = merged.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding if isinstance(encoding, str) else "")
+        except LookupError:
+            raise TaskError(f"{where}: 'encoding' {encoding!r} is not a text encoding Python knows; "
+                            "use a codec name, e.g. latin-1, cp1252, utf-16") from None
+        options["encoding"] = encoding
+    records = merged.get("records")
+    if records is not None:
+        if not isinstance(records, str) or not all(p.strip() and p == p.strip() for p in records.split(".")):
+            raise TaskError(f"{where}: 'records' must be a dotted path of the lists that hold the rows, from the "
+                            f"document's top-level field, e.g. data.paragraphs.qas; got {records!r}")
+        options["records"] = records
+    for key in options:
+        if files is None:
+            raise TaskError(f"{where}: {key!r} applies to local 'files', not to a Hub dataset; remove it")
+        other = next((Path(p).name for p in files.values() if Path(p).suffix.lower() not in READER_OPTIONS[key]), None)
+        if other is not None:
+            raise TaskError(f"{where}: {key!r} applies to {', '.join(READER_OPTIONS[key])} files, not to {other}; remove it")
+    return options
+
+
+def _positions_named(columns: dict[str, Any], reader: dict[str, Any], where: str) -> dict[str, Any]:
+    """`columns` with the columns of a headerless file named: a position (0, 1, …) becomes its
+    name in `column_names`, else the text of the position ("0", "1", …), the names the loader gives.
+
+    Raises:
+        TaskError: a position in a file with a header line, a position out of range, or a name
+            that a headerless file does not have.
+    """
+    header, names = reader.get("header", True), reader.get("column_names")
+
+    def named(role: str, col: Any) -> Any:
+        if isinstance(col, list):
+            return [named(role, c) for c in col]
+        if isinstance(col, int) and not isinstance(col, bool):
+            if header:
+                raise TaskError(f"{where}: columns.{role} is {col}, a position: positions name the columns of a file without "
+                                "a header line (header: false); give the header's column name")
+            if col < 0 or (names is not None and col >= len(names)):
+                span = f"0 to {len(names) - 1}, the columns of column_names" if names is not None else "0, 1, …"
+                raise TaskError(f"{where}: columns.{role} is position {col}; positions count from 0 ({span})")
+            return names[col] if names is not None else str(col)
+        if not isinstance(col, str) or not col:
+            raise TaskError(f"{where}: columns.{role} must be a column name (or a list of them), got {col!r}")
+        if not header:
+            if names is not None and col not in names:
+                raise TaskError(f"{where}: columns.{role} is {col!r}, not one of column_names ({', '.join(names)}); "
+                                "name one of them or give its position (0, 1, …)")
+            if names is None and not col.isdigit():
+                raise TaskError(f"{where}: columns.{role} is {col!r}, but a file without a header line (header: false) has no "
+                                "column names: add column_names: [...] or give the column's position (0, 1, …)")
+        return col
+
+    return {role: named(role, col) for role, col in columns.items()}
 
 
 def read_tasks_file(path: str | Path) -> dict[str, TaskSpec]:

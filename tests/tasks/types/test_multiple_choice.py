@@ -57,3 +57,44 @@ def test_head_config_predictions_scores_and_chance(encoder_config):
     assert TYPE.score(resolved, logits, np.array([0, 1])) == {"accuracy": 0.5}
     assert TYPE.chance(resolved, np.array([0, 1])) == {"accuracy": 0.5}
     assert [r["label"] for r in TYPE.prediction_rows(resolved, logits, None)] == ["0", "2"]
+
+
+# The official CommonsenseQA files: choices as a list of {label, text} objects, the label naming one.
+def _objects(*labels: str) -> list[dict]:
+    return [{"label": label, "text": {"A": "a saw", "B": "a dog", "C": "a cat"}.get(label, "a")} for label in labels]
+
+
+LABELLED = rows(question=["is there a dog", "is there a cat", "is there a dog"], choices=[_objects("A", "B", "C"), _objects("A", "B", "C"), _objects("C", "A", "B")],
+                label=["B", "C", "A"])
+
+
+def test_choices_as_labelled_objects_name_the_right_one_by_its_label(tokenizer):
+    resolved = TYPE.resolve_labels(spec(), LABELLED)
+    assert resolved.labels == ("A", "B", "C")  # the first train row's choice labels
+    assert TYPE.first_label_problem(resolved, LABELLED) is None
+    TYPE.check_labels(resolved, "train", LABELLED)
+    enc = TYPE.encode(resolved, LABELLED.to_dict(), tokenizer, 16, with_labels=True)
+    assert enc["labels"] == [1, 2, 1]  # row 2's "A" is its second choice
+    assert tokenizer.decode(enc["input_ids"][2][1], skip_special_tokens=True) == "is there a dog a saw"
+    hub = rows(question=["q"], choices=[{"label": ["A", "B"], "text": ["x", "y"]}], label=["B"])  # the Hub's form
+    assert TYPE.encode(TYPE.resolve_labels(spec(), hub), hub.to_dict(), tokenizer, 16, with_labels=True)["labels"] == [1]
+    declared = spec(labels=["first", "second", "third"])  # declared names win; the index is still the row's
+    assert TYPE.encode(declared, LABELLED.to_dict(), tokenizer, 16, with_labels=True)["labels"] == [1, 2, 1]
+
+
+def test_a_label_not_among_the_rows_choice_labels_and_choices_without_text():
+    bad = rows(question=["q0", "q1"], choices=[_objects("A", "B"), _objects("A", "B")], label=["A", "E"])
+    assert TYPE.first_label_problem(spec(), bad) == (
+        1, "label 'E' in column 'label' is not among the row's choice labels (A, B); fix the label or the choices")
+    with pytest.raises(TaskError, match=r"^task 't': column 'choices' holds objects with fields label, value; each choice needs a 'text' field"):
+        TYPE.resolve_labels(spec(), rows(question=["q"], choices=[[{"label": "A", "value": "x"}, {"label": "B", "value": "y"}]], label=["A"]))
+    with pytest.raises(TaskError, match="the first row's choice labels repeat"):
+        TYPE.resolve_labels(spec(), rows(question=["q"], choices=[_objects("A", "A")], label=["A"]))
+
+
+def test_predict_inputs_with_labelled_choices_get_a_label_their_rows_name(encoder_config):
+    resolved = TYPE.resolve_labels(spec(), LABELLED)
+    inputs = TYPE.placeholder_labels(resolved, LABELLED.remove_columns("label"))
+    assert inputs["label"] == ["A", "A", "C"]
+    logits = np.array([[0.0, 3.0, 0.0], [0.0, 0.0, 1.0]])
+    assert [(r["label"], r["index"]) for r in TYPE.prediction_rows(resolved, logits, None)] == [("B", 1), ("C", 2)]
