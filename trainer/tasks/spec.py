@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class TaskSpec:
     max_length: int | None = None
     special_tokens: tuple[str, ...] = ()  # added to the tokenizer (e.g. a separator), besides SPECIAL_TOKENS
     separator: str | None = None  # generation types: the text between the prompt and the target (e.g. <sep>)
+    threshold: float | None = None  # types with a default_threshold (multi_label): a label is predicted at p >= threshold
+    loss_weight: float = 1.0  # times this task's training loss (what the optimizer minimises); not a sampling weight
 
     @property
     def task_type(self) -> TaskType:
@@ -90,7 +93,9 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     overrides merge into the preset's. Relative file paths resolve against `base_dir`.
 
     Raises:
-        TaskError: unknown key, type, metric, preset or column role; a bad source or label list.
+        TaskError: unknown key, type, metric, preset or column role; a bad source or label list; a
+            'threshold' outside (0, 1) or on a type that takes none; a 'loss_weight' that is not a
+            positive finite number.
     """
     name = raw.get("name")
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
@@ -178,6 +183,21 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     if separator is not None and (not isinstance(separator, str) or not separator):
         raise TaskError(f"{where}: 'separator' must be a non-empty text, e.g. \"<sep>\" (declare it in special_tokens too)")
 
+    threshold = merged.get("threshold")
+    if threshold is not None:
+        if task_type.default_threshold is None:
+            takes = [n for n, t in TASK_TYPES.items() if t.default_threshold is not None]
+            raise TaskError(f"{where}: 'threshold' applies to type(s) {', '.join(takes)}, not to type {type_name}; remove it")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise TaskError(f"{where}: 'threshold' must be a number between 0 and 1 (both excluded), e.g. 0.5; got {threshold!r}")
+
+    loss_weight = merged.get("loss_weight")
+    loss_weight = 1.0 if loss_weight is None else loss_weight
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight) \
+            or loss_weight <= 0:
+        raise TaskError(f"{where}: 'loss_weight' must be a positive finite number (it multiplies the task's training "
+                        f"loss), e.g. 2.0; got {loss_weight!r}")
+
     for key in ("batch_size", "max_length"):
         value = merged.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -188,6 +208,7 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         num_labels=num_labels if num_labels is not None else task_type.default_num_labels(),
         metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
         special_tokens=tuple(special), separator=separator,
+        threshold=float(threshold) if threshold is not None else task_type.default_threshold, loss_weight=float(loss_weight),
     )
     task_type.check_spec(spec, where)
     return spec

@@ -7,13 +7,15 @@ below, and its tests (tests/tasks/types/). Nothing else changes.
 from .base import TaskType
 from .causal_lm import CausalLM
 from .classification import Classification
+from .multi_label import MultiLabel
 from .multiple_choice import MultipleChoice
 from .regression import Regression
 from .seq2seq import Seq2Seq
 from .token_classification import TokenClassification
 
 TASK_TYPES: dict[str, TaskType] = {
-    t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM(), Seq2Seq())
+    t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM(), Seq2Seq(),
+                         MultiLabel())
 }
 
 __all__ = ["TASK_TYPES", "TaskType"]

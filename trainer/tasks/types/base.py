@@ -77,6 +77,7 @@ class TaskType:
     label_columns: tuple[str, ...] = ("label",)  # the roles holding what is learned (not model inputs)
     generates: bool = False  # evaluation and predict generate text (see `GenerationType`)
     export_padding_side: str | None = None  # the exported tokenizer's padding side (None: as trained)
+    default_threshold: float | None = None  # types that take 'threshold' (a decision threshold on probabilities): its default
 
     # ---------------------------------------------------------------- the declaration
     def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
