@@ -66,7 +66,8 @@ class Commands:
         """Predict one task for a .jsonl/.csv/.tsv of inputs (same columns as the task's data).
 
         Writes one JSON line per input: {"label", "index", "probabilities"} for classification and
-        multiple choice, {"score"} for regression, {"tags"} for token classification.
+        multiple choice, {"score"} for regression, {"tags"} for token classification, {"labels",
+        "probabilities"} for multi-label (the labels at or above the task's threshold).
         Example: python -m trainer predict --task=rte --input=pairs.jsonl --output=preds.jsonl
         """
         from . import commands

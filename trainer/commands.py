@@ -292,7 +292,11 @@ def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
     sampler = trainer.make_batch_sampler()
     tasks = []
     for task, batch_size, lengths in zip(trainer.tasks, sampler.batch_sizes, trainer.train_lengths()):
-        declaration = {k: v for k, v in task.spec.to_dict().items() if k not in ("files", "hub", "hub_config", "splits", "metrics")}
+        # Where the data lives and how it is scored (metrics, threshold) do not shape the weights; a
+        # loss_weight of 1 is left out, as before it existed, so older checkpoints stay resumable.
+        declaration = {k: v for k, v in task.spec.to_dict().items()
+                       if k not in ("files", "hub", "hub_config", "splits", "metrics", "threshold")
+                       and not (k == "loss_weight" and v == 1.0)}
         tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
                       "data": data_fingerprint(lengths, task.train[_learned_column(task.train)])})

@@ -84,7 +84,7 @@ def test_a_type_the_backbone_cannot_serve_is_one_line_naming_what_it_serves(tiny
         check_backbone([build_spec(CLS), choice], AutoConfig.from_pretrained(tiny_gpt2), "tiny-gpt2")
     assert str(err.value) == ("task 'mc': tiny-gpt2 (gpt2) cannot serve type multiple_choice: transformers has no "
                               "AutoModelForMultipleChoice for it; it serves classification, regression, token_classification, "
-                              "causal_lm, extractive_qa; use another backbone or drop the task")
+                              "causal_lm, extractive_qa, multi_label; use another backbone or drop the task")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -26,7 +26,7 @@ from trainer.tasks.metrics import (
 
 # Every metric of trainer.tasks.metrics must have a test here: a new one fails this until it gets one.
 TESTED = {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr", "entity_f1", "exact_match", "chrf", "bleu", "rougeL",
-          "masked_accuracy"}
+          "masked_accuracy", "f1_micro", "f1_macro", "subset_accuracy"}
 
 
 def test_every_metric_is_tested_here():
@@ -170,6 +170,56 @@ def test_chance_of_f1_is_the_majority_guess_scored_on_the_task_labels():
 @pytest.mark.parametrize("name", ["matthews_correlation", "pearson", "spearmanr", "entity_f1"])
 def test_chance_of_correlations_and_entity_f1_is_zero(name):
     assert chance_level(name, [0, 1, 1]) == 0.0
+
+
+# ------------------------------------------------------------------------------ label sets (multi-label)
+# Four rows, three labels. Predictions against references:
+#   row 0: {0} for {0, 2}  row 1: {1, 2} for {1}  row 2: {} for {}  row 3: {0, 1} for {0, 1}
+LABEL_SETS_REF = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 0]])
+LABEL_SETS_PRED = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 0]])
+
+
+def test_label_set_metrics_on_a_hand_computed_example():
+    pred, ref = LABEL_SETS_PRED, LABEL_SETS_REF
+    # Pooled: TP 4 (row 0's 0, row 1's 1, row 3's two), FP 1 (row 1's 2), FN 1 (row 0's 2): 8 / 10.
+    assert compute("f1_micro", pred, ref, 3) == pytest.approx(0.8)
+    # Per label: 0 and 1 are perfect (F1 1), label 2 has FP 1 and FN 1 (F1 0): 2 / 3.
+    assert compute("f1_macro", pred, ref, 3) == pytest.approx(2 / 3)
+    # Exact sets: rows 2 and 3.
+    assert compute("subset_accuracy", pred, ref, 3) == 0.5
+
+
+def test_label_set_metrics_average_over_the_tasks_labels_and_refuse_other_shapes():
+    # A fourth label that no row has and none predicts scores 0 in the macro average (as f1 does).
+    pred, ref = np.pad(LABEL_SETS_PRED, ((0, 0), (0, 1))), np.pad(LABEL_SETS_REF, ((0, 0), (0, 1)))
+    assert compute("f1_macro", pred, ref, 4) == pytest.approx(2 / 4)
+    assert compute("f1_micro", pred, ref, 4) == pytest.approx(0.8)
+    assert compute("f1_micro", np.zeros((2, 3)), np.zeros((2, 3)), 3) == 0.0  # nothing to find, nothing found
+    assert compute("subset_accuracy", np.zeros((0, 3)), np.zeros((0, 3)), 3) == 0.0
+    for name in ("f1_micro", "f1_macro", "subset_accuracy"):
+        with pytest.raises(ValueError, match="rows x 4"):
+            compute(name, LABEL_SETS_PRED, LABEL_SETS_REF, 4)
+        with pytest.raises(ValueError, match="multi-hot arrays"):
+            compute(name, [1, 0], [1, 0], 2)  # class ids, not label sets
+
+
+def test_chance_of_label_set_metrics_is_the_best_constant_label_set():
+    # On LABEL_SETS_REF (labels 0 and 1 in half the rows, 2 in a quarter: none in more than half):
+    #   {}: micro 0, macro 0, subset 1/4 (row 2)
+    #   every label: TP 5, FP 7, FN 0: micro 10/17; per label 2/3, 2/3, 2/5: macro 26/45; subset 0
+    #   the most frequent row set, {0, 2} (all rows differ: the first): micro 6/13, macro 16/45, subset 1/4
+    assert chance_level("f1_micro", LABEL_SETS_REF, 3) == pytest.approx(10 / 17)
+    assert chance_level("f1_macro", LABEL_SETS_REF, 3) == pytest.approx(26 / 45)
+    assert chance_level("subset_accuracy", LABEL_SETS_REF, 3) == pytest.approx(0.25)
+    # Label 0 in 3 rows of 4: the set of the labels of most rows, {0}, is the best constant for
+    # micro F1 (TP 3, FP 1, FN 2: 6 / 9), above every label (TP 5, FP 7: 10 / 17).
+    refs = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 0]])
+    assert chance_level("f1_micro", refs, 3) == pytest.approx(6 / 9)
+    # Rows {2}, {2}, {0, 1}, {0, 3}, {1, 3}: no label in more than half the rows, so only the most
+    # frequent row set, {2}, gets any row exactly right.
+    refs = np.array([[0, 0, 1, 0], [0, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]])
+    assert chance_level("subset_accuracy", refs, 4) == pytest.approx(2 / 5)
+    assert chance_level("subset_accuracy", np.zeros((0, 2)), 2) == 0.0
 
 
 # ------------------------------------------------------------------------------ generated texts

@@ -3,7 +3,7 @@
 `evaluate` fetches metric code from the Hugging Face Hub at run time, which an offline job
 cannot do, so the standard GLUE-style metrics are computed here. Each metric takes
 ``(predictions, references, num_labels)``: predictions and references already decoded (class
-ids, scores, per-sentence tag lists, or texts) and the task's number of labels (None for
+ids, scores, per-sentence tag lists, multi-hot label sets, or texts) and the task's number of labels (None for
 regression and generation). A metric that depends on the label set takes it from `num_labels`,
 never from the classes that happen to be in the data, so its definition is the same at every
 evaluation. Every metric is on one scale, 0 to 1 (the correlations -1 to 1): the macro average
@@ -86,6 +86,78 @@ def _entity_f1(pred: Sequence[Sequence[str]], ref: Sequence[Sequence[str]], num_
         return 0.0
     precision, recall = tp / n_pred, tp / n_ref
     return 2 * precision * recall / (precision + recall)
+
+
+# ------------------------------------------------------------------------------ label sets (multi-label)
+# Predictions and references are multi-hot arrays, one row per example and one column per label
+# (0/1). Like f1, the per-label average is over the task's num_labels labels, and an F1 with
+# nothing predicted and nothing to find (0 / 0) scores 0.
+
+
+def _label_sets(pred, ref, num_labels: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """`pred` and `ref` as boolean (rows x labels) arrays.
+
+    Raises:
+        ValueError: they are not two arrays of the same shape rows x num_labels.
+    """
+    pred, ref = np.asarray(pred).astype(bool), np.asarray(ref).astype(bool)
+    width = ref.shape[1] if ref.ndim == 2 else None
+    if pred.shape != ref.shape or width is None or (num_labels is not None and width != num_labels):
+        raise ValueError(f"a multi-label metric compares multi-hot arrays of rows x {num_labels or 'labels'}; "
+                         f"got predictions {pred.shape} and references {ref.shape}")
+    return pred, ref
+
+
+def _f1_of_counts(tp, fp, fn):
+    """F1 = 2TP / (2TP + FP + FN) of counts (arrays: per label), 0 where nothing was predicted or found."""
+    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
+    denominator = 2 * tp + fp + fn
+    return np.divide(2 * tp, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+
+
+def _f1_micro(pred, ref, num_labels: int | None = None) -> float:
+    """F1 over every (row, label) decision pooled: frequent labels weigh more.
+
+    Raises:
+        ValueError: as `_label_sets`.
+    """
+    p, r = _label_sets(pred, ref, num_labels)
+    return float(_f1_of_counts((p & r).sum(), (p & ~r).sum(), (~p & r).sum()))
+
+
+def _f1_macro(pred, ref, num_labels: int | None = None) -> float:
+    """Mean of each label's F1 over the task's labels: rare labels weigh as much as frequent ones.
+
+    Raises:
+        ValueError: as `_label_sets`.
+    """
+    p, r = _label_sets(pred, ref, num_labels)
+    per_label = _f1_of_counts((p & r).sum(0), (p & ~r).sum(0), (~p & r).sum(0))
+    return float(per_label.mean()) if per_label.size else 0.0
+
+
+def _subset_accuracy(pred, ref, num_labels: int | None = None) -> float:
+    """Share of rows whose predicted label set is exactly the reference set (exact match).
+
+    Raises:
+        ValueError: as `_label_sets`.
+    """
+    p, r = _label_sets(pred, ref, num_labels)
+    return float(np.mean((p == r).all(axis=1))) if len(r) else 0.0
+
+
+def _label_set_chance(name: str, references, num_labels: int | None) -> float:
+    """The best score of a constant label set on `references`: the empty set, every label, the
+    labels present in more than half the rows, and the most frequent row set (the best constant
+    for subset accuracy; the others for the F1s)."""
+    ref = np.asarray(references).astype(np.int64)
+    if ref.ndim != 2 or not len(ref):
+        return 0.0
+    rows, width = ref.shape
+    [(most_frequent, _)] = Counter(map(tuple, ref.tolist())).most_common(1)
+    guesses = [np.zeros(width, dtype=np.int64), np.ones(width, dtype=np.int64),
+               (ref.mean(axis=0) > 0.5).astype(np.int64), np.asarray(most_frequent, dtype=np.int64)]
+    return max(compute(name, np.tile(guess, (rows, 1)), ref, num_labels) for guess in guesses)
 
 
 # ------------------------------------------------------------------------------ generated texts
@@ -227,12 +299,17 @@ METRICS: dict[str, Callable] = {
     "bleu": _bleu,
     "rougeL": _rouge_l,
     "masked_accuracy": _accuracy,  # token ids at the masked positions (masked_lm)
+    "f1_micro": _f1_micro,
+    "f1_macro": _f1_macro,
+    "subset_accuracy": _subset_accuracy,
 }
 
-# Metrics that compare class ids (the others compare scores, tag sequences or texts).
+# Metrics that compare class ids (the others compare scores, tag sequences, label sets or texts).
 CLASS_METRICS = {"accuracy", "f1", "matthews_correlation"}
 # Metrics that compare a generated text with a reference text (lists of strings).
 GENERATION_METRICS = {"exact_match", "chrf", "bleu", "rougeL"}
+# Metrics that compare label sets (multi-hot rows x labels arrays).
+LABEL_SET_METRICS = {"f1_micro", "f1_macro", "subset_accuracy"}
 
 
 def compute(name: str, predictions, references, num_labels: int | None = None) -> float:
@@ -241,7 +318,8 @@ def compute(name: str, predictions, references, num_labels: int | None = None) -
     Raises:
         KeyError: an unknown metric name.
         ValueError: a metric that depends on the label set (f1) without `num_labels`; a generation
-            metric with a different number of predictions and references.
+            metric with a different number of predictions and references; a label-set metric on
+            arrays that are not both rows x num_labels.
     """
     fn = METRICS[name]
     if name == "entity_f1" or name in GENERATION_METRICS:
@@ -250,7 +328,7 @@ def compute(name: str, predictions, references, num_labels: int | None = None) -
 
 
 def chance_level(name: str, references, num_labels: int | None = None) -> float:
-    """Score of the best constant guess (majority class, or no correlation) on `references`.
+    """Score of the best constant guess (majority class, a constant label set, or no correlation) on `references`.
 
     Raises:
         ValueError: as `compute`; a generation metric, whose chance depends on the prompts as well
@@ -261,6 +339,8 @@ def chance_level(name: str, references, num_labels: int | None = None) -> float:
         raise ValueError(f"{name} is a generation metric: its chance level is generation_chance(name, references, prompts)")
     if name in ("pearson", "spearmanr", "matthews_correlation", "entity_f1"):
         return 0.0
+    if name in LABEL_SET_METRICS:
+        return _label_set_chance(name, references, num_labels)
     ref = np.asarray(references)
     if not len(ref):
         return 0.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ READER_OPTIONS = {
 _READER_DEFAULTS = {"header": True, "column_names": None, "delimiter": None, "quoting": None, "encoding": None,
                         "records": None}
 # Keys added after the first saved format, left out of `to_dict` at their defaults (see there).
-_LATER_DEFAULTS = {**_READER_DEFAULTS, "unanswerable": None, "stride": None, "max_answer_length": None}
+_LATER_DEFAULTS = {**_READER_DEFAULTS, "unanswerable": None, "stride": None, "max_answer_length": None, "threshold": None,
+                   "loss_weight": 1.0}
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class TaskSpec:
     quoting: str | None = None  # .csv/.tsv, a QUOTING name (None: none for .tsv, minimal for .csv)
     encoding: str | None = None  # text files (None: UTF-8, checked before loading)
     records: str | None = None  # .json/.jsonl: the dotted path of nested lists whose elements are the rows
+    threshold: float | None = None  # types with a default_threshold (multi_label): a label is predicted at p >= threshold
+    loss_weight: float = 1.0  # times this task's training loss (what the optimizer minimises); not a sampling weight
 
     @property
     def task_type(self) -> TaskType:
@@ -133,7 +137,9 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     overrides merge into the preset's. Relative file paths resolve against `base_dir`.
 
     Raises:
-        TaskError: unknown key, type, metric, preset or column role; a bad source or label list.
+        TaskError: unknown key, type, metric, preset or column role; a bad source or label list; a
+            'threshold' outside (0, 1) or on a type that takes none; a 'loss_weight' that is not a
+            positive finite number.
     """
     name = raw.get("name")
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
@@ -224,6 +230,21 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
     if separator is not None and (not isinstance(separator, str) or not separator):
         raise TaskError(f"{where}: 'separator' must be a non-empty text, e.g. \"<sep>\" (declare it in special_tokens too)")
 
+    threshold = merged.get("threshold")
+    if threshold is not None:
+        if task_type.default_threshold is None:
+            takes = [n for n, t in TASK_TYPES.items() if t.default_threshold is not None]
+            raise TaskError(f"{where}: 'threshold' applies to type(s) {', '.join(takes)}, not to type {type_name}; remove it")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise TaskError(f"{where}: 'threshold' must be a number between 0 and 1 (both excluded), e.g. 0.5; got {threshold!r}")
+
+    loss_weight = merged.get("loss_weight")
+    loss_weight = 1.0 if loss_weight is None else loss_weight
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight) \
+            or loss_weight <= 0:
+        raise TaskError(f"{where}: 'loss_weight' must be a positive finite number (it multiplies the task's training "
+                        f"loss), e.g. 2.0; got {loss_weight!r}")
+
     for key in ("batch_size", "max_length", "stride", "max_answer_length"):
         value = merged.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -238,6 +259,7 @@ def build_spec(raw: dict[str, Any], *, source: str = "", base_dir: Path | None =
         metrics=metrics, batch_size=merged.get("batch_size"), max_length=merged.get("max_length"),
         special_tokens=tuple(special), separator=separator, unanswerable=unanswerable,
         stride=merged.get("stride"), max_answer_length=merged.get("max_answer_length"), **reader,
+        threshold=float(threshold) if threshold is not None else task_type.default_threshold, loss_weight=float(loss_weight),
     )
     for key in TYPE_OPTIONS:
         if getattr(spec, key) is not None and key not in task_type.options:

@@ -1,7 +1,8 @@
 """The Hugging Face `Trainer`, extended only where several tasks need it.
 
 `MultitaskTrainer` overrides the training data loader (one task per batch, from
-`MultitaskBatchSampler`), the training step and log (each task's loss beside the mean one) and
+`MultitaskBatchSampler`), the training step and log (each task's loss times its `loss_weight`;
+each task's own loss beside the mean one) and
 the FLOP count (the encoder and the batch's head), evaluation (each task on its own data and
 metrics, with a progress bar of its own, plus their macro average) and saving (the checkpoint
 describes its tasks). The training loop, optimizer, schedulers, mixed precision, the log's
@@ -245,6 +246,7 @@ class MultitaskTrainer(Trainer):
         self._task_index = {t.name: i for i, t in enumerate(tasks)}
         self._task_loss_sums: torch.Tensor | None = None
         self._task_loss_steps = [0.0] * len(tasks)
+        self._loss_weight = 1.0  # the running training step's task's loss_weight (`compute_loss`)
         callbacks = self.callback_handler.callbacks
         for i, callback in enumerate(callbacks):
             if type(callback) is ProgressCallback:  # in its place: the order of callbacks is kept
@@ -293,14 +295,20 @@ class MultitaskTrainer(Trainer):
         return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, refusing a non-finite loss before the optimizer steps on it, and adding
-        the loss to its task's (see `log`).
+        """The Trainer's step on the batch's task's loss times its `loss_weight` (what the optimizer
+        minimises and `loss` logs), refusing a non-finite loss before the optimizer steps on it, and
+        adding the task's own, unweighted loss to its `loss_<task>` (see `log`).
 
         Raises:
             NonFiniteLoss: on every rank when any rank's loss is NaN or infinite.
         """
         task = inputs.get("task")
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        weight = self.tasks[self._task_index[task]].spec.loss_weight
+        self._loss_weight = weight  # read by `compute_loss`: evaluation's losses stay unweighted
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._loss_weight = 1.0
         bad = ~torch.isfinite(loss.detach())
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             flag = bad.float().reshape(1)
@@ -310,14 +318,24 @@ class MultitaskTrainer(Trainer):
             raise NonFiniteLoss(
                 f"task {task!r} gave a non-finite training loss ({float(loss):g}) at step {self.state.global_step + 1}: "
                 "check its labels and inputs, lower LEARNING_RATE or MAX_GRAD_NORM, or use PRECISION=fp32")
-        self._add_task_loss(task, loss)
+        self._add_task_loss(task, loss / weight)  # each task's own loss: tasks of any weight compare
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The head's loss, times the task's `loss_weight` inside a training step only."""
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._loss_weight == 1.0:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss * self._loss_weight, outputs
+        return result * self._loss_weight
 
     def _add_task_loss(self, task: str, loss: torch.Tensor) -> None:
         # The Trainer logs sum(returned losses) / optimizer steps, and a returned loss is its batch's
         # mean loss divided by the batches of its optimizer step; each task's loss is then
         # sum(its returned losses) / sum(1 / batches of their steps): its batches' mean loss, and
-        # the tasks' losses weighted by their steps average to the Trainer's.
+        # the tasks' losses weighted by their steps (and loss_weights) average to the Trainer's.
         if self._task_loss_sums is None:
             self._task_loss_sums = torch.zeros(len(self.tasks), dtype=torch.float32, device=loss.device)
         i = self._task_index[task]

@@ -9,6 +9,7 @@ from .causal_lm import CausalLM
 from .classification import Classification
 from .extractive_qa import ExtractiveQA
 from .masked_lm import MaskedLM
+from .multi_label import MultiLabel
 from .multiple_choice import MultipleChoice
 from .regression import Regression
 from .seq2seq import Seq2Seq
@@ -16,7 +17,7 @@ from .token_classification import TokenClassification
 
 TASK_TYPES: dict[str, TaskType] = {
     t.name: t for t in (Classification(), Regression(), MultipleChoice(), TokenClassification(), CausalLM(), Seq2Seq(),
-                            ExtractiveQA(), MaskedLM())
+                            ExtractiveQA(), MaskedLM(), MultiLabel())
 }
 
 __all__ = ["TASK_TYPES", "TaskType"]

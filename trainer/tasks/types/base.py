@@ -83,6 +83,7 @@ class TaskType:
     output_names: tuple[str, ...] = ("logits",)  # the head's outputs evaluation and `predict` keep
     reports_perplexity: bool = False  # evaluation logs exp(loss) as `<task>_perplexity` (a language-model loss)
     loads_pretrained_head: bool = False  # the head's own weights start from MODEL_NAME's (a language-model head)
+    default_threshold: float | None = None  # types that take 'threshold' (a decision threshold on probabilities): its default
 
     # ---------------------------------------------------------------- the declaration
     def check_declaration(self, where: str, labels: tuple[str, ...] | None, num_labels: int | None) -> None:
