@@ -20,7 +20,7 @@ from tests.conftest import run_cli, write_tasks_file
 from tests.runs import RUN, assert_same_weights, flags, train, weights
 from trainer.demo.generate import CATEGORIES
 
-TASKS = "qa,domain,demo_entailment,demo_similarity"
+TASKS = "qa,squad1,domain,demo_entailment,demo_similarity"
 QA_MAX_LENGTH = 24  # every context is longer: several windows per question
 ANIMALS, PLACES = CATEGORIES["animal"], CATEGORIES["place"]
 
@@ -43,26 +43,62 @@ def qa_rows(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def squad_document(rows: list[dict], *, v2: bool) -> dict:
+    """`rows` in the official SQuAD layout: one document, data -> paragraphs -> qas (two
+    questions per paragraph); SQuAD 2.0 adds is_impossible, and plausible_answers where impossible."""
+    data = []
+    for k in range(0, len(rows), 2):
+        qas = []
+        for j, row in enumerate(rows[k : k + 2]):
+            qa = {"id": f"q{k + j}", "question": row["question"], "answers": row["answers"]}
+            if v2:
+                qa["is_impossible"] = not row["answers"]
+                if not row["answers"]:
+                    qa["plausible_answers"] = [{"text": "the", "answer_start": 0}]
+            qas.append(qa)
+        contexts = {row["context"] for row in rows[k : k + 2]}
+        for context in sorted(contexts):
+            data.append({"title": f"article {k}", "paragraphs": [{"context": context,
+                                                                  "qas": [q for q, r in zip(qas, rows[k : k + 2])
+                                                                          if r["context"] == context]}]})
+    return {"version": "v2.0" if v2 else "1.1", "data": data}
+
+
 def write_tasks(directory: Path, *, n_train: int = 16, n_eval: int = 8) -> Path:
+    """The demo's classification and regression tasks, `qa` (SQuAD 2.0 files, a quarter of the
+    questions unanswerable), `squad1` (SQuAD v1.1 files, every question answered) and `domain`
+    (masked LM on texts like the contexts)."""
     base = write_tasks_file(directory, n_train=n_train, n_eval=n_eval, token_task=False)
     tasks = json.loads(base.read_text())["tasks"]
     rng = random.Random(5)
     data = directory / "data"
-    files = {}
+    files: dict[str, dict[str, str]] = {"qa": {}, "squad1": {}, "domain": {}}
     for split, n in (("train", n_train), ("validation", n_eval)):
-        qa = data / f"qa_{split}.jsonl"
-        qa.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(rng, n)))
+        for name, v2 in (("qa", True), ("squad1", False)):
+            rows = qa_rows(rng, n) if v2 else [r for r in qa_rows(rng, 2 * n) if r["answers"]][:n]
+            path = data / f"{name}_{split}.json"
+            path.write_text(json.dumps(squad_document(rows, v2=v2), indent=1))
+            files[name][split] = str(path)
         text = data / f"domain_{split}.jsonl"
         text.write_text("".join(json.dumps({"text": r["context"]}) + "\n" for r in qa_rows(rng, n)))
-        files[split] = (str(qa), str(text))
+        files["domain"][split] = str(text)
+    squad = {"type": "extractive_qa", "records": "data.paragraphs.qas", "max_length": QA_MAX_LENGTH, "stride": 8,
+             "columns": {"question": "question", "context": "paragraphs.context", "answers": "answers"}}
     tasks += [
-        {"name": "qa", "type": "extractive_qa", "files": {s: f[0] for s, f in files.items()}, "unanswerable": True,
-         "max_length": QA_MAX_LENGTH, "stride": 8},
-        {"name": "domain", "type": "masked_lm", "files": {s: f[1] for s, f in files.items()}},
+        {"name": "qa", **squad, "files": files["qa"], "unanswerable": True},
+        {"name": "squad1", **squad, "files": files["squad1"]},
+        {"name": "domain", "type": "masked_lm", "files": files["domain"]},
     ]
     path = directory / "tasks.json"
     path.write_text(json.dumps({"tasks": tasks}, indent=1))
     return path
+
+
+def squad_rows(path: str) -> list[dict]:
+    """The questions of a SQuAD-layout file as flat rows (question, context, answers)."""
+    document = json.loads(Path(path).read_text())
+    return [{"question": qa["question"], "context": paragraph["context"], "answers": qa["answers"]}
+            for article in document["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
 
 
 def qa_flags(model: Path, tasks_file: Path, out: Path) -> list[str]:
@@ -88,15 +124,15 @@ def test_both_types_train_beside_the_others_and_are_scored_against_chance(traine
     run_dir, _, done = trained
     metrics = json.loads((run_dir / "metrics.json").read_text())
     final = metrics["eval"]
-    for key in ("eval_qa_f1", "eval_qa_exact_match", "eval_domain_masked_accuracy", "eval_demo_entailment_accuracy"):
+    for key in ("eval_qa_f1", "eval_qa_exact_match", "eval_squad1_f1", "eval_squad1_exact_match",
+                "eval_domain_masked_accuracy", "eval_demo_entailment_accuracy"):
         assert 0.0 <= final[key] <= 1.0, key
     assert final["eval_domain_perplexity"] == pytest.approx(math.exp(final["eval_domain_loss"]))
-    assert final["eval_macro_avg"] == pytest.approx((final["eval_qa_f1"] + final["eval_domain_masked_accuracy"]
-                                                     + final["eval_demo_entailment_accuracy"]
-                                                     + final["eval_demo_similarity_pearson"]) / 4)
+    primary = ("qa_f1", "squad1_f1", "domain_masked_accuracy", "demo_entailment_accuracy", "demo_similarity_pearson")
+    assert final["eval_macro_avg"] == pytest.approx(sum(final[f"eval_{k}"] for k in primary) / len(primary))
     # QA's chance: the empty answer (right on the unanswerable questions) or the most frequent answer.
     declared = next(t for t in json.loads(qa_tasks.read_text())["tasks"] if t["name"] == "qa")
-    rows = [json.loads(line) for line in Path(declared["files"]["validation"]).read_text().splitlines()]
+    rows = squad_rows(declared["files"]["validation"])
     answers = [r["answers"][0]["text"] for r in rows if r["answers"]]
     most = max(answers.count(a) for a in answers)
     chance = max(sum(not r["answers"] for r in rows), most) / len(rows)
@@ -113,22 +149,23 @@ def qa_windows(run_dir: Path, tokenizer, rows: list[dict]):
     from trainer.modeling import MultitaskModel
 
     spec = MultitaskModel.from_checkpoint(run_dir / "final").specs["qa"]
-    encoded = spec.task_type.encode(spec, {k: [r[k] for r in rows] for k in ("question", "context", "answers")},
-                                    tokenizer, spec.max_length, with_labels=True)
+    batch = {spec.columns[role]: [r[role] for r in rows] for role in ("question", "context", "answers")}
+    encoded = spec.task_type.encode(spec, batch, tokenizer, spec.max_length, with_labels=True)
     return spec, datasets.Dataset.from_dict(encoded)
 
 
 def test_the_qa_export_is_a_standalone_model_with_the_multitask_models_answers(trained, qa_tasks, tmp_path):
     """transformers 5 has no question-answering pipeline: the export loads with
     AutoModelForQuestionAnswering and gives the multitask head's logits, hence its answers, which
-    are what `predict` writes."""
+    are what `predict` writes for a file of questions and contexts (columns named by their roles:
+    the training files were SQuAD documents)."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     from trainer.modeling import MultitaskModel
 
     run_dir, _, _ = trained
-    rows = [json.loads(line) for line in Path(json.loads(qa_tasks.read_text())["tasks"][-2]["files"]["validation"])
-            .read_text().splitlines()]
+    declared = next(t for t in json.loads(qa_tasks.read_text())["tasks"] if t["name"] == "qa")
+    rows = squad_rows(declared["files"]["validation"])
     export = run_dir / "final" / "export" / "qa"
     standalone = AutoModelForQuestionAnswering.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -182,47 +219,61 @@ def test_kill_9_then_restart_gives_the_uninterrupted_weights(trained, tiny_model
     """The masking of the training batches and the windows of the QA rows resume exactly."""
     run_dir, _, _ = trained
     args = qa_flags(tiny_model, qa_tasks, tmp_path / "out")
-    crashed = train(*args, env={"TRAINER_CRASH_AT": "mid_step:30"})
+    crashed = train(*args, env={"TRAINER_CRASH_AT": "mid_step:45"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     restarted = train(*args)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert "(step 24)" in restarted.stdout + restarted.stderr  # resumed from the committed epoch 2 (12 steps an epoch)
+    assert "(step 36)" in restarted.stdout + restarted.stderr  # resumed from the committed epoch 2 (18 steps an epoch)
     assert_same_weights(weights(tmp_path / "out" / RUN), weights(run_dir))
 
 
-def rewrite(tasks_file: Path, tmp_path: Path, task: str, split: str, change) -> Path:
-    tasks = json.loads(tasks_file.read_text())["tasks"]
-    declared = next(t for t in tasks if t["name"] == task)
-    rows = [json.loads(line) for line in Path(declared["files"][split]).read_text().splitlines()]
-    change(rows)
-    bad = tmp_path / f"{task}_{split}.jsonl"
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    declared["files"][split] = str(bad)
-    path = tmp_path / "tasks.json"
-    path.write_text(json.dumps({"tasks": tasks}))
-    return path
+def questions(document: dict) -> list[dict]:
+    """The qas objects of a SQuAD-layout document, in the order they become rows."""
+    return [qa for article in document["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
 
 
-def first_answered(rows: list[dict]) -> dict:
-    return next(r for r in rows if r["answers"])
+def drop_offset(document: dict) -> int:
+    row = next(i for i, qa in enumerate(questions(document)) if qa["answers"])
+    questions(document)[row]["answers"][0].pop("answer_start")
+    return row
+
+
+def misplace(document: dict) -> int:
+    row = next(i for i, qa in enumerate(questions(document)) if qa["answers"])
+    questions(document)[row]["answers"][0]["answer_start"] = 0  # every context starts with "the <animal>"
+    return row
+
+
+def empty_text(rows: list[dict]) -> int:
+    rows[2]["text"] = ""
+    return 2
 
 
 @pytest.mark.parametrize(("task", "split", "change", "expected"), [
-    ("qa", "train", lambda rows: first_answered(rows)["answers"][0].pop("answer_start"),
-     "task 'qa', split train, line {line} of {path}: answer 1 in column 'answers' (role 'answers') has no answer_start offset"),
-    ("qa", "validation", lambda rows: first_answered(rows)["answers"][0].update(answer_start=0),
-     "task 'qa', split validation, line {line} of {path}: answer 1 in column 'answers' (role 'answers'), "),
-    ("domain", "train", lambda rows: rows[2].update(text=""),
+    ("qa", "train", drop_offset,
+     "task 'qa', split train, row {row} of {path}: answer 1 in column 'answers' (role 'answers') has no answer_start offset"),
+    ("squad1", "validation", misplace,
+     "task 'squad1', split validation, row {row} of {path}: answer 1 in column 'answers' (role 'answers'), "),
+    ("domain", "train", empty_text,
      "task 'domain', split train, line 3 of {path}: empty text in column 'text' (role 'text')"),
 ])
 def test_bad_data_stops_before_training_with_one_line(tiny_model, qa_tasks, tmp_path, task, split, change, expected):
-    bad = rewrite(qa_tasks, tmp_path, task, split, change)
-    declared = next(t for t in json.loads(bad.read_text())["tasks"] if t["name"] == task)
-    rows = [json.loads(line) for line in Path(declared["files"][split]).read_text().splitlines()]
-    line = 1 + next((i for i, r in enumerate(rows) if r.get("answers") and
-                     ("answer_start" not in r["answers"][0] or r["answers"][0]["answer_start"] == 0)), 0)
-    done = train(*qa_flags(tiny_model, bad, tmp_path / "out"))
+    tasks = json.loads(qa_tasks.read_text())["tasks"]
+    declared = next(t for t in tasks if t["name"] == task)
+    source = Path(declared["files"][split])
+    bad = tmp_path / source.name
+    if source.suffix == ".json":
+        document = json.loads(source.read_text())
+        row = change(document)
+        bad.write_text(json.dumps(document))
+    else:
+        rows = [json.loads(line) for line in source.read_text().splitlines()]
+        row = change(rows)
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    declared["files"][split] = str(bad)
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": tasks}))
+    done = train(*qa_flags(tiny_model, tmp_path / "tasks.json", tmp_path / "out"))
     assert done.returncode == 2, done.stderr[-3000:]
-    message = expected.format(line=line, path=declared["files"][split])
+    message = expected.format(row=row + 1, path=bad)
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "out" / RUN / "checkpoint-1").exists()

@@ -663,7 +663,13 @@ def _read_inputs(path: Path, spec: TaskSpec):
         raise TaskError(f"{where}: use a .jsonl, .json, .csv or .tsv file")
     ds = load_file(path, "test", where=where, empty="it has no rows; give it one input per row (after a header line in a .csv or .tsv)")
     needed = input_columns(spec)
-    as_trained = f"name the input columns as in the task's data ({', '.join(c for _, c in needed)})"
+    as_trained = (f"name the input columns as in the task's data ({', '.join(c for _, c in needed)}) or by their roles "
+                  f"({', '.join(r for r, _ in needed)})")
+    # A column named by its role stands for the declared one: SQuAD's context is declared as
+    # `paragraphs.context` (`records`), and a file of questions to answer holds a plain `context`.
+    for role, col in needed:
+        if col not in ds.column_names and col.split(".")[0] not in ds.column_names and role in ds.column_names:
+            ds = ds.rename_column(role, col)
 
     def at(row: int) -> str:
         line = source_line(path, row)
