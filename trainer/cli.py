@@ -67,7 +67,9 @@ class Commands:
 
         Writes one JSON line per input: {"label", "index", "probabilities"} for classification and
         multiple choice, {"score"} for regression, {"tags"} for token classification, {"labels",
-        "probabilities"} for multi-label (the labels at or above the task's threshold).
+        "probabilities"} for multi-label (the labels at or above the task's threshold), {"answer",
+        "score", "start", "end"} for extractive QA, {"masks"} (the 5 likeliest tokens of each mask
+        token) for masked LM, {"text"} for causal LM and seq2seq.
         Example: python -m trainer predict --task=rte --input=pairs.jsonl --output=preds.jsonl
         """
         from . import commands
