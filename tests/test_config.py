@@ -111,6 +111,12 @@ def test_early_stopping_needs_an_evaluation_strategy():
         ({"early_stopping_patience": 0}, "EARLY_STOPPING_PATIENCE=0"),
         ({"early_stopping_patience": "soon"}, "EARLY_STOPPING_PATIENCE='soon'"),
         ({"early_stopping_threshold": -0.01}, "EARLY_STOPPING_THRESHOLD=-0.01"),
+        ({"lora": "true"}, "LORA='true' is not valid: expected false|shared|per_task"),
+        ({"lora_r": 0}, "LORA_R=0"),
+        ({"lora_alpha": 0}, "LORA_ALPHA=0"),
+        ({"lora_dropout": 1}, "LORA_DROPOUT=1.0"),
+        ({"lora_target_modules": "query,value proj"}, "LORA_TARGET_MODULES='query,value proj'"),
+        ({"lora_export": "gguf"}, "LORA_EXPORT='gguf'"),
     ],
 )
 def test_bad_values_name_the_setting(flags, named):
@@ -253,3 +259,15 @@ def test_cli_settings_and_help():
     helped = run_cli("--help", env={"PAGER": "cat"})
     for command in ("train", "evaluate", "predict", "export"):
         assert command in helped.stdout + helped.stderr
+
+
+def test_lora_settings_and_lora_on_a_scratch_backbone():
+    cfg = load_config({"lora": "per_task", "lora_target_modules": "query, value,attention.output.dense", "lora_r": 4}, environ={})
+    assert (cfg.lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == ("per_task", 4, 16, 0.05)
+    assert cfg.lora_target_modules == ["query", "value", "attention.output.dense"] and cfg.lora_export == "merged"
+    assert load_config({}, environ={}).lora == "false"
+    with pytest.raises(ConfigError) as err:
+        load_config({"lora": "shared", "model_init": "scratch"}, environ={})
+    assert str(err.value) == ("MODEL_INIT='scratch' is not valid: expected pretrained when LORA=shared (LoRA trains adapters "
+                              "on frozen pretrained weights; a scratch backbone would stay random): set MODEL_INIT=pretrained, "
+                              "or LORA=false")

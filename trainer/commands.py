@@ -33,8 +33,13 @@ from .data import (
 )
 from .modeling import (
     MULTITASK_FILE,
+    LoraSetup,
     MultitaskModel,
+    base_fingerprint,
+    base_tokens,
     check_backbone,
+    check_lora,
+    check_lora_tokens,
     check_max_length,
     encoder_config,
     fit_backbone,
@@ -107,11 +112,13 @@ def load_data(cfg: Config, specs: list[TaskSpec], args) -> tuple[list[TaskSpec],
     datasets cache instead of every rank reading the files (or the Hub) at once."""
     config = encoder_config(cfg.model_name)
     check_backbone(specs, config, cfg.model_name)  # before reading any data: a config is all it needs
+    check_lora(cfg, specs, config)
     with args.main_process_first(local=True, desc="loading the data"):
         specs, raw = prepare_tasks(cfg, specs, need_train=True)
     check_task_mixing(cfg, specs, [len(splits["train"]) for splits in raw])
     tokenizer = load_tokenizer(cfg.tokenizer_name or cfg.model_name, specs, cfg.special_tokens)
     check_max_length(cfg, specs, tokenizer, config)
+    check_lora_tokens(cfg, specs, config, tokenizer)
     return specs, raw, tokenizer
 
 
@@ -237,8 +244,11 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             set_seed(cfg.seed)
             model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs,
                                    pretrained=cfg.model_name if cfg.model_init == "pretrained" else None)
+            lora = _lora_setup(cfg)
+            if lora is not None:
+                model.enable_lora(lora)  # after the heads: they are bound to the backbone PEFT adapts in place
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
-            identity = _identity(cfg, precision, trainer)
+            identity = _identity(cfg, precision, trainer, lora)
             plan = _shared_resume_plan(cfg, store, trainer, identity)
             if plan.finished is not None:
                 return _already_finished(cfg, store, plan.finished, trainer)
@@ -284,7 +294,19 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
             lock.release()
 
 
-def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
+def _lora_setup(cfg: Config) -> LoraSetup | None:
+    """LORA's adapters for this job (None for LORA=false), naming the base they are trained on."""
+    if cfg.lora == "false":
+        return None
+    setup = LoraSetup.from_config(cfg, encoder_config(cfg.model_name), fingerprint=base_fingerprint(cfg.model_name),
+                                  base_tokens=base_tokens(cfg.tokenizer_name or cfg.model_name))
+    logger.info("LoRA (LORA=%s): r=%d, alpha=%d, dropout=%g, target modules %s, on %s (weights fingerprint %s)", setup.mode,
+                setup.r, setup.alpha, setup.dropout, ",".join(setup.target_modules) or "PEFT's defaults", setup.base_model,
+                setup.base_fingerprint)
+    return setup
+
+
+def _identity(cfg: Config, precision: str, trainer, lora: LoraSetup | None = None) -> dict[str, Any]:
     import hashlib
 
     from .checkpoints.callback import data_fingerprint, run_identity
@@ -301,7 +323,8 @@ def _identity(cfg: Config, precision: str, trainer) -> dict[str, Any]:
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
                       "data": data_fingerprint(lengths, task.train[_learned_column(task.train)])})
     return run_identity(cfg, precision=precision, world_size=trainer.args.world_size,
-                        drop_last=trainer.args.dataloader_drop_last, tasks=tasks)
+                        drop_last=trainer.args.dataloader_drop_last, tasks=tasks,
+                        base_fingerprint=lora.base_fingerprint if lora is not None else None)
 
 
 def _learned_column(train) -> str:
@@ -405,7 +428,7 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
     final_dir = cfg.run_dir / "final"
     if cfg.export_at_end:
         for i, task in enumerate(tasks):
-            model.export(task.name, building / "export" / task.name, tokenizer)
+            model.export(task.name, building / "export" / task.name, tokenizer, lora_export=cfg.lora_export)
             if i == 0:
                 fault_injection.crash_point("mid_export", trainer.state.global_step)
         results["exported"] = {t.name: str(final_dir / "export" / t.name) for t in tasks}
@@ -640,7 +663,9 @@ def export(cfg: Config, checkpoint: str | None = None, output: str | None = None
     # Not inside the committed folder: files added there would not be in its manifest, and a
     # prune of a committed checkpoint deletes its whole folder.
     out_dir = Path(output) if output else path.parent / f"{path.name}-export"
-    done = {n: str(model.export(n, out_dir / n, tokenizer)) for n in names}
+    # LORA_EXPORT as trained, unless set for this export.
+    lora_export = cfg.lora_export if cfg.is_set("lora_export") else None
+    done = {n: str(model.export(n, out_dir / n, tokenizer, lora_export=lora_export)) for n in names}
     for name, where in done.items():
         logger.info("Exported %s to %s", name, where)
     return done

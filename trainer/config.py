@@ -34,6 +34,8 @@ MODEL_INITS = ("pretrained", "scratch")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we support (trainer.training.trackers)
 RESUME_MODES = ("auto", "never")
+LORA_MODES = ("false", "shared", "per_task")  # LoRA adapters through PEFT (trainer.modeling.lora)
+LORA_EXPORTS = ("merged", "adapter")
 WORKDIR = ".trainer"  # the Trainer's scratch folder inside OUTPUT_DIR/<run>/
 
 # Variables that may sit in an env file beside our settings without being ours: credentials,
@@ -67,6 +69,17 @@ class Config:
     max_seq_length: int = _setting(128, "truncate inputs to this many tokens (per-task max_length overrides)", "model")
     special_tokens: list[str] = _setting(
         [], "comma-separated tokens to add to the tokenizer as special tokens (e.g. <sep>), besides the tasks' own", "model")
+    lora: str = _setting("false", "train LoRA adapters on the frozen backbone instead of all its weights: false|shared (one "
+                                  "adapter for all tasks)|per_task (one adapter per task); task heads train in full", "model")
+    lora_r: int = _setting(8, "LoRA: rank of each adapter's update matrices", "model")
+    lora_alpha: int = _setting(16, "LoRA: scaling numerator; an update is scaled by LORA_ALPHA/LORA_R", "model")
+    lora_dropout: float = _setting(0.05, "LoRA: dropout on the adapters' inputs, in [0, 1)", "model")
+    lora_target_modules: list[str] = _setting(
+        [], "LoRA: comma-separated backbone module names to adapt (empty: PEFT's defaults for the architecture, e.g. "
+            "query,value for BERT, c_attn for GPT-2)", "model")
+    lora_export: str = _setting("merged", "LoRA: how tasks export: merged (a standalone transformers model, the adapter merged "
+                                          "into the base weights)|adapter (the PEFT adapter and head, for PeftModel.from_pretrained)",
+                                "model")
 
     # --- tasks ---
     tasks: list[str] = _setting(
@@ -474,6 +487,20 @@ def validate(cfg: Config) -> None:
     """Check every setting against what is allowed. Raises ConfigError naming the first bad one."""
     _check(cfg.model_init in MODEL_INITS, "model_init", cfg.model_init, "|".join(MODEL_INITS))
     _check(bool(cfg.model_name.strip()), "model_name", cfg.model_name, "a Hugging Face model id or a local folder")
+    _check(cfg.lora in LORA_MODES, "lora", cfg.lora, "|".join(LORA_MODES))
+    if cfg.lora != "false":
+        # LoRA keeps the backbone as loaded and saves only what it trains: a scratch backbone
+        # would stay random, and no checkpoint could rebuild it from MODEL_NAME.
+        _check(cfg.model_init == "pretrained", "model_init", cfg.model_init,
+               f"pretrained when LORA={cfg.lora} (LoRA trains adapters on frozen pretrained weights; a scratch backbone "
+               "would stay random): set MODEL_INIT=pretrained, or LORA=false")
+    _check(cfg.lora_r >= 1, "lora_r", cfg.lora_r, "an integer >= 1, e.g. 8")
+    _check(cfg.lora_alpha >= 1, "lora_alpha", cfg.lora_alpha, "an integer >= 1, e.g. 16")
+    _check(0 <= cfg.lora_dropout < 1, "lora_dropout", cfg.lora_dropout, "a number in [0, 1)")
+    bad_names = [m for m in cfg.lora_target_modules if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", m)]
+    _check(not bad_names, "lora_target_modules", format_value(cfg.lora_target_modules),
+           f"comma-separated module names such as query,value (not: {','.join(bad_names)})")
+    _check(cfg.lora_export in LORA_EXPORTS, "lora_export", cfg.lora_export, "|".join(LORA_EXPORTS))
     _check(cfg.max_seq_length >= 8, "max_seq_length", cfg.max_seq_length, "an integer >= 8")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
     _check(cfg.num_beams >= 1, "num_beams", cfg.num_beams, "an integer >= 1")

@@ -66,3 +66,23 @@ def test_changed_training_data_under_the_same_run_name_is_refused(tiny_model, tm
     again = train(*args, "--num_train_epochs=2")
     assert again.returncode == 2
     assert "the training data of task 'demo_entailment': 16 examples (now 15)" in again.stderr
+
+
+def test_the_lora_settings_and_the_base_weights_are_part_of_a_lora_runs_identity():
+    from trainer.checkpoints.callback import identity_differences, run_identity
+    from trainer.config import load_config
+
+    def identity(fingerprint=None, **settings):
+        cfg = load_config({"model_init": "pretrained", **settings}, environ={}, env_file="")
+        return run_identity(cfg, precision="fp32", world_size=1, drop_last=False, tasks=[], base_fingerprint=fingerprint)
+
+    plain = identity()
+    # a checkpoint from before LoRA existed: no LORA in its settings, and LORA=false is what it did
+    before = {**plain, "settings": {k: v for k, v in plain["settings"].items() if not k.startswith("LORA")}}
+    assert identity_differences(before, plain) == []
+    lora = identity("0123456789abcdef", lora="shared")
+    assert identity_differences(lora, identity("0123456789abcdef", lora="shared", lora_export="adapter")) == []
+    assert identity_differences(lora, identity("fedcba9876543210", lora="shared")) == [
+        "the base model's weights (fingerprint 0123456789abcdef, now fedcba9876543210)"]
+    assert identity_differences(lora, identity("0123456789abcdef", lora="shared", lora_r=4)) == ["LORA_R=8 (now 4)"]
+    assert "LORA=shared (now false)" in identity_differences(lora, plain)

@@ -32,6 +32,7 @@ This module never sees a GCS type: it talks to `trainer.checkpoints.storage.Stor
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -47,7 +48,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..config import WORKDIR, Config, format_value
+from ..config import FIELDS, WORKDIR, Config, format_value
 from . import commits
 from .commits import Manifest, ResumeError
 from .lease import LeaseLost
@@ -296,8 +297,10 @@ class CheckpointSync(TrainerCallback):
 IDENTITY_SETTINGS = (
     "model_name", "model_init", "tokenizer_name", "max_seq_length", "special_tokens", "tasks", "max_train_samples", "sampling",
     "sampling_temperature", "sampling_cap", "task_weights", "group_by_length", "learning_rate", "train_batch_size",
-    "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm", "seed",
+    "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm", "seed", "lora",
 )
+# The LoRA settings beside LORA, recorded when LORA is on (LORA_EXPORT may change: it shapes no weight).
+LORA_IDENTITY_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def data_fingerprint(lengths, labels) -> str:
@@ -310,15 +313,30 @@ def data_fingerprint(lengths, labels) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: bool, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: bool, tasks: list[dict[str, Any]],
+                 base_fingerprint: str | None = None) -> dict[str, Any]:
     """What a checkpoint must share with this job to be resumed by it.
 
     `tasks`: per task, in TASKS order: name, declaration (hash of its declaration without data
-    paths and metrics), examples, batch_size, data (`data_fingerprint`).
+    paths and metrics), examples, batch_size, data (`data_fingerprint`). `base_fingerprint`: with
+    LoRA, the hash of MODEL_NAME's weights files: a LoRA checkpoint holds no base weights, so
+    resuming on other ones would train adapters made for another model.
     """
-    settings = {name.upper(): format_value(getattr(cfg, name)) for name in IDENTITY_SETTINGS}
+    names = IDENTITY_SETTINGS + (LORA_IDENTITY_SETTINGS if cfg.lora != "false" else ())
+    settings = {name.upper(): format_value(getattr(cfg, name)) for name in names}
     settings["PRECISION"] = precision
-    return {"settings": settings, "world_size": world_size, "drop_last": drop_last, "tasks": tasks}
+    identity = {"settings": settings, "world_size": world_size, "drop_last": drop_last, "tasks": tasks}
+    if base_fingerprint is not None:
+        identity["base_fingerprint"] = base_fingerprint
+    return identity
+
+
+def _default(key: str) -> str:
+    """The default of the setting named `key` (upper case), as `run_identity` records values."""
+    f = FIELDS.get(key.lower())
+    if f is None:
+        return ""
+    return format_value(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
 
 
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -326,10 +344,13 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     diffs = []
     old, new = saved.get("settings", {}), current["settings"]
     for key in sorted(set(old) | set(new)):
-        if key not in old and new.get(key) == "":
-            continue  # a setting newer than the checkpoint, left empty: the run's behaviour before it
+        if key not in old and new.get(key) in ("", _default(key)):
+            continue  # a setting newer than the checkpoint, left empty or at its default: the run's behaviour before it
         if old.get(key) != new.get(key):
             diffs.append(f"{key}={old.get(key, '')} (now {new.get(key, '')})")
+    if saved.get("base_fingerprint") != current.get("base_fingerprint"):
+        diffs.append(f"the base model's weights (fingerprint {saved.get('base_fingerprint') or 'none: not LoRA'}, "
+                     f"now {current.get('base_fingerprint') or 'none: not LoRA'})")
     if saved.get("world_size") != current["world_size"]:
         diffs.append(f"{saved.get('world_size')} training processes (now {current['world_size']})")
     if saved.get("drop_last") != current["drop_last"]:

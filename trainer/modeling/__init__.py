@@ -1,12 +1,15 @@
 """The model: one shared backbone with a head per task (`multitask`), and its standalone
 per-task exports."""
 
+from .lora import LoraSetup, base_fingerprint, base_tokens
 from .multitask import (
     MULTITASK_FILE,
     WEIGHTS_FILE,
     MultitaskModel,
     bind_backbone,
     check_backbone,
+    check_lora,
+    check_lora_tokens,
     check_max_length,
     encoder_config,
     fit_backbone,
@@ -16,6 +19,7 @@ from .multitask import (
     prepare_tokenizer,
 )
 
-__all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "MultitaskModel", "bind_backbone", "check_backbone", "check_max_length",
+__all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "LoraSetup", "MultitaskModel", "base_fingerprint", "base_tokens", "bind_backbone", "check_backbone",
+           "check_lora", "check_lora_tokens", "check_max_length",
            "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
            "load_encoder", "max_input_length"]

@@ -9,6 +9,10 @@ encoder without being registered as its submodule, so the encoder's parameters a
 
 Export rebuilds each task as a standalone ``AutoModelFor…`` with the encoder's and the head's
 weights: it loads in `transformers` with no code from this project.
+
+With LoRA (`enable_lora`, `lora`), PEFT's adapters sit in the encoder's modules; the model saves
+only what trains, rebuilds the frozen base from MODEL_NAME when loaded, and exports each task with
+its adapter merged into a copy of the base weights, or as a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..tasks import TaskError, TaskSpec
+from . import lora as lora_lib
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class MultitaskModel(nn.Module):
         self.specs = {s.name: s for s in specs}
         self.heads = nn.ModuleDict({s.name: self._make_head(s, pretrained) for s in specs})
         self._ran_parameters: dict[str, int] = {}  # per task, for `floating_point_ops` (every step)
+        self.lora: lora_lib.LoraAdapters | None = None  # `enable_lora`
+        self._trainable_keys: frozenset[str] | None = None  # with LoRA: the state_dict keys saved
 
     @property
     def config(self):
@@ -67,6 +74,28 @@ class MultitaskModel(nn.Module):
             load_pretrained_head(head, self.encoder, pretrained, spec)
         return head.to(dtype=next(self.encoder.parameters()).dtype)
 
+    def enable_lora(self, setup: lora_lib.LoraSetup) -> None:
+        """Put LoRA adapters on the encoder (`lora.LoraAdapters`): its own weights freeze, the
+        adapters, the added tokens' rows and the heads train; from now on `state_dict` holds only
+        those. Call it once, after the heads are bound (they tie to the encoder's modules).
+
+        Raises:
+            ValueError: PEFT cannot adapt the encoder with these settings (`check_lora` says why first).
+            RuntimeError: LoRA is already enabled.
+        """
+        if self.lora is not None:
+            raise RuntimeError("LoRA is already enabled on this model")
+        self.lora = lora_lib.LoraAdapters(self.encoder, dict(self.heads.items()), setup)
+        tied = self._tied_keys()
+        self._trainable_keys = frozenset(key for key, p in self.named_parameters(remove_duplicate=False)
+                                         if p.requires_grad and key not in tied)
+
+    def activate(self, task: str) -> None:
+        """Make `task`'s LoRA adapter the active one before its head runs outside `forward`
+        (generation calls the head's `generate`); nothing without LoRA or with LORA=shared."""
+        if self.lora is not None:
+            self.lora.activate(task)
+
     def _tied_keys(self) -> dict[str, str]:
         """{key: the first key of the same tensor} of every weight that is another's tensor: a
         language-model head tied to the shared input embeddings, or the backbone's own ties (T5's
@@ -81,20 +110,36 @@ class MultitaskModel(nn.Module):
         return tied
 
     def state_dict(self, *args, **kwargs):
-        """The weights, each tensor once (see `_tied_keys`): under the first of its keys only."""
+        """The weights, each tensor once (see `_tied_keys`): under the first of its keys only. With
+        LoRA, only the weights that train (adapters, added tokens' rows, heads): the frozen base
+        is MODEL_NAME's, which `from_checkpoint` loads again."""
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         for key in self._tied_keys():
             state.pop(prefix + key, None)
+        if self._trainable_keys is not None:
+            for key in [k for k in state if k[len(prefix):] not in self._trainable_keys]:
+                del state[key]
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights saved by `state_dict`: a tied weight comes under the first key of its tensor."""
+        """Load weights saved by `state_dict`: a tied weight comes under the first key of its tensor.
+        With LoRA, the saved weights are the trainable ones: strict means exactly those, and the
+        frozen base weights (not in a checkpoint) count as neither missing nor unexpected."""
         state = dict(state_dict)
         for key, source in self._tied_keys().items():
             if key not in state and source in state:
                 state[key] = state[source]
-        return super().load_state_dict(state, strict=strict, assign=assign)
+        if self._trainable_keys is None:
+            return super().load_state_dict(state, strict=strict, assign=assign)
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        missing = sorted(self._trainable_keys - set(state_dict))
+        unexpected = sorted(set(state_dict) - self._trainable_keys)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"the LoRA checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        super().load_state_dict({k: v for k, v in state.items() if k not in unexpected}, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
 
     def forward(self, task: str, **inputs):
         """Run `task`'s head: its usual `ModelOutput` with the loss (given labels) and the logits only.
@@ -109,6 +154,7 @@ class MultitaskModel(nn.Module):
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model has {', '.join(self.heads)}")
         task_type = self.specs[task].task_type
+        self.activate(task)
         out = self.heads[task](**task_type.head_inputs(inputs), return_dict=True)
         return type(out)(loss=out.loss, **{name: getattr(out, name) for name in task_type.output_names})
 
@@ -133,7 +179,10 @@ class MultitaskModel(nn.Module):
 
     # ---------------------------------------------------------------- saving and loading
     def describe(self) -> dict:
-        return {"format": 1, "tasks": [s.to_dict() for s in self.specs.values()]}
+        described = {"format": 1, "tasks": [s.to_dict() for s in self.specs.values()]}
+        if self.lora is not None:
+            described["lora"] = self.lora.setup.to_dict()
+        return described
 
     def save(self, directory: str | Path) -> None:
         """Write weights (safetensors), the encoder config and the task declarations to `directory`."""
@@ -154,8 +203,12 @@ class MultitaskModel(nn.Module):
     def from_checkpoint(cls, directory: str | Path) -> MultitaskModel:
         """Rebuild a model saved by `save` (or a Trainer checkpoint of it) without any download.
 
+        A LoRA checkpoint holds the adapters and heads only: its base is loaded from the
+        MODEL_NAME it names (offline when that is a local folder or in the Hub cache).
+
         Raises:
             FileNotFoundError: the directory lacks the weights or the task description.
+            TaskError: a LoRA checkpoint's base model has other weights than it was trained on.
         """
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
@@ -166,26 +219,41 @@ class MultitaskModel(nn.Module):
                 raise FileNotFoundError(f"{directory} is not a multitask checkpoint: {name} is missing")
         described = json.loads((directory / MULTITASK_FILE).read_text())
         specs = [TaskSpec.from_dict(d) for d in described["tasks"]]
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory))
+        saved_config = AutoConfig.from_pretrained(directory)
+        setup = lora_lib.LoraSetup.from_dict(described["lora"]) if described.get("lora") else None
+        if setup is None:
+            encoder = AutoModel.from_config(saved_config)
+        else:
+            lora_lib.check_base(setup, str(directory))
+            encoder = lora_lib.rebuild_base(setup, saved_config, lambda name: load_encoder(name, "pretrained"))
         model = cls(encoder, specs)
+        if setup is not None:
+            model.enable_lora(setup)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return model
 
-    def export(self, task: str, directory: str | Path, tokenizer=None) -> Path:
+    def export(self, task: str, directory: str | Path, tokenizer=None, *, lora_export: str | None = None) -> Path:
         """Save `task` as a standalone Hugging Face model (config with labels, weights, tokenizer).
+
+        With LoRA, `lora_export` (default: LORA_EXPORT as trained) `merged` saves that model with
+        the task's adapter merged into a copy of the base weights (plain transformers loads it);
+        `adapter` saves the task's PEFT adapter with its head as `modules_to_save`
+        (`PeftModel.from_pretrained` on the task's model of MODEL_NAME), its config and tokenizer.
 
         Raises:
             KeyError: unknown task.
             RuntimeError: the standalone model lacks weights the multitask model should provide.
+            TaskError: LORA_EXPORT=adapter for a head that PEFT cannot save (see `lora.head_modules`).
         """
         spec = self.specs[task]
         head = self.heads[task]
+        encoder = self.encoder
+        adapter = self.lora is not None and (lora_export or self.lora.setup.export) == "adapter"
+        if self.lora is not None:  # plain copies: the adapter merged in, or the base alone beside a PEFT adapter
+            encoder, head = self.lora.unmerged(task, head) if adapter else self.lora.merged(task, head)
         standalone = spec.task_type.head_class().from_config(copy.deepcopy(head.config))
-        # Where the backbone sits in the standalone model: under base_model_prefix, or as its own
-        # parts at the top (T5ForConditionalGeneration), as `bind_backbone` found it.
-        prefix = standalone.base_model_prefix
-        prefix = f"{prefix}." if isinstance(getattr(standalone, prefix, None), type(self.encoder)) else ""
-        weights = {f"{prefix}{k}": v for k, v in self.encoder.state_dict().items()}
+        prefix = _backbone_prefix(standalone, type(encoder))
+        weights = {f"{prefix}{k}": v for k, v in encoder.state_dict().items()}
         weights.update(head.state_dict())
         missing, unexpected = standalone.load_state_dict(weights, strict=False)
         if missing:
@@ -195,7 +263,14 @@ class MultitaskModel(nn.Module):
             logger.debug("export of %s: not used by %s: %s", task, type(standalone).__name__, unexpected)
         standalone.config.architectures = [type(standalone).__name__]
         directory = Path(directory)
-        standalone.save_pretrained(directory)
+        if adapter:
+            self.lora.save_adapter(task, standalone, prefix, directory)
+            # The config users build the base with: the task's labels, and MODEL_NAME's vocabulary,
+            # which they resize to the tokenizer's when tokens were added (the adapter holds their rows).
+            standalone.config.vocab_size = self.lora.setup.base_vocab_size
+            standalone.config.save_pretrained(directory)
+        else:
+            standalone.save_pretrained(directory)
         if tokenizer is not None:
             # A generating decoder's batches are padded on the left (training pads on the right).
             # save_pretrained writes init_kwargs, not the attribute: set both, then put them back.
@@ -326,6 +401,97 @@ def check_backbone(specs: list[TaskSpec], config, model_name: str) -> None:
             raise TaskError(f"task {spec.name!r}: {model_name} ({config.model_type}) cannot serve type {spec.type}: "
                             f"transformers has no {spec.task_type.auto_class} for it; it serves {', '.join(served) or 'none'}; "
                             "use another backbone or drop the task")
+
+
+def check_lora(cfg: Config, specs: list[TaskSpec], config) -> None:
+    """Refuse, before any data is read, LoRA settings that PEFT or the export cannot carry out on
+    this backbone: it builds the multitask model on the meta device (no weights) and puts the
+    adapters on it as training will.
+
+    Raises:
+        ConfigError: LORA_TARGET_MODULES names modules the backbone lacks, or is empty for an
+            architecture PEFT has no defaults for, or PEFT refuses the modules.
+        TaskError: a task's output layer is tied to an adapted module (no merged export could keep
+            both), or LORA_EXPORT=adapter for a head that PEFT cannot save (`lora.head_modules`).
+    """
+    setup = lora_lib.LoraSetup.from_config(cfg, config)
+    if setup is None:
+        return
+    model = _meta_model(config, specs)
+    problem = lora_lib.target_problem(setup, model.encoder)
+    if problem:
+        raise ConfigError(problem)
+    tied = _tied_output_layers(model)
+    try:
+        model.enable_lora(setup)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        targets = ",".join(setup.target_modules) or "(PEFT's defaults)"
+        raise ConfigError(f"LORA_TARGET_MODULES={targets!r} is not valid for {cfg.model_name}: PEFT cannot adapt them: "
+                          f"{lora_lib.one_line(e)}") from None
+    problem = lora_lib.tie_problem(setup, model.encoder, dict(model.heads.items()), tied)
+    if problem:
+        raise TaskError(problem)
+    if setup.export == "adapter":
+        for spec in specs:
+            with torch.device("meta"):
+                standalone = spec.task_type.head_class().from_config(copy.deepcopy(model.heads[spec.name].config))
+            parts = lora_lib.backbone_parts(_backbone_prefix(standalone, type(model.encoder)), model.encoder)
+            mixed = lora_lib.head_modules(standalone, parts)[1]
+            if mixed:
+                raise TaskError(lora_lib.mixed_head_message(spec.name, mixed))
+
+
+def check_lora_tokens(cfg: Config, specs: list[TaskSpec], config, tokenizer) -> None:
+    """Refuse, before any data is tokenized, tokens added to the vocabulary under LoRA for a task
+    whose output layer, tied to the input embeddings, has a bias (BERT's masked-LM decoder): the
+    added tokens' rows are PEFT trainable tokens there, whose tied output layer drops the bias.
+
+    Raises:
+        TaskError: one line naming the task and the fix.
+    """
+    if cfg.lora == "false":
+        return
+    added = len(tokenizer) - min(config.vocab_size, lora_lib.base_tokens(cfg.tokenizer_name or cfg.model_name))
+    if added <= 0:
+        return
+    model = _meta_model(config, specs)
+    tied = _tied_output_layers(model)
+    for name, head in model.heads.items():
+        output = head.get_output_embeddings() if name in tied else None
+        if output is not None and getattr(output, "bias", None) is not None:
+            raise TaskError(f"task {name!r}: with LORA={cfg.lora}, the {added} token(s) added to the vocabulary (SPECIAL_TOKENS, "
+                            "the tasks' special_tokens) train as PEFT trainable tokens, which drop the bias of this task's "
+                            "output layer (tied to the input embeddings); add no tokens, or set LORA=false")
+
+
+def _meta_model(config, specs: list[TaskSpec]) -> MultitaskModel:
+    """The multitask model of `config` and `specs` on the meta device: its modules, no weights."""
+    import warnings
+
+    from transformers import AutoModel
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return MultitaskModel(AutoModel.from_config(config), specs)
+
+
+def _tied_output_layers(model: MultitaskModel) -> dict[str, int]:
+    """{task: id of the backbone weight its output layer is} for the heads whose output layer is
+    tied to the input embeddings."""
+    embeddings = model.encoder.get_input_embeddings().weight
+    out = {}
+    for name, head in model.heads.items():
+        output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
+        if output is not None and getattr(output, "weight", None) is embeddings:
+            out[name] = id(embeddings)
+    return out
+
+
+def _backbone_prefix(standalone: nn.Module, backbone_class: type) -> str:
+    """Where the backbone sits in a task's standalone model: under base_model_prefix (``bert.``),
+    or as its own parts at the top (T5ForConditionalGeneration: ``""``), as `bind_backbone` found it."""
+    prefix = standalone.base_model_prefix
+    return f"{prefix}." if isinstance(getattr(standalone, prefix, None), backbone_class) else ""
 
 
 def prepare_tokenizer(tokenizer, special_tokens: list[str]):

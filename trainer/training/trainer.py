@@ -452,6 +452,7 @@ class MultitaskTrainer(Trainer):
             prompts.append(prompt)
             references.append(tokenizer.decode(target, skip_special_tokens=True))
         model = self.accelerator.unwrap_model(self.model)
+        model.activate(task.name)  # the task's LoRA adapter: `generate` calls the head, not the model's forward
         head = model.heads[task.name]
         was_training = model.training
         model.eval()  # the whole model: the shared backbone is bound to the head, not its submodule
@@ -569,13 +570,13 @@ class MultitaskTrainer(Trainer):
             self._checkpoint_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
     def _bytes_to_save(self, *, weights_only: bool) -> int:
-        """About what a save writes: the last checkpoint's size, else the weights plus two AdamW
-        moments per trainable parameter."""
+        """About what a save writes: the last checkpoint's size, else the weights the model saves
+        (with LoRA, the trainable ones only) plus two AdamW moments per trainable parameter."""
         if not weights_only and getattr(self, "_checkpoint_bytes", None):
             return self._checkpoint_bytes
-        params = list(self.accelerator.unwrap_model(self.model).parameters())
-        weights = sum(p.numel() * p.element_size() for p in params)
-        moments = 0 if weights_only else sum(2 * p.numel() * 4 for p in params if p.requires_grad)
+        model = self.accelerator.unwrap_model(self.model)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        moments = 0 if weights_only else sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
         return weights + moments + (64 << 10)
 
 
