@@ -26,7 +26,7 @@ from .common import (
     write_result,
 )
 
-BENCHMARKS = ("throughput", "seed_recipe", "memory", "accuracy", "upload", "causal_lm")
+BENCHMARKS = ("throughput", "seed_recipe", "memory", "accuracy", "upload", "causal_lm", "lora")
 OWN_MODEL = ("causal_lm",)  # build their own model from a config: they need no encoder
 
 

@@ -246,16 +246,29 @@ def _quiet(trainer):
 
 def multitask_trainer(setup: Setup, tasks: list[TaskData], cfg: Config, *, precision: str | None = None,
                       callbacks: Sequence[TrainerCallback] = ()):
-    """`MultitaskTrainer` over a fresh `MultitaskModel` (seeded), as `python -m trainer train` builds it."""
+    """`MultitaskTrainer` over a fresh `MultitaskModel` (seeded), as `python -m trainer train` builds
+    it: with LoRA adapters when `cfg.lora` says so."""
     from transformers import set_seed
 
-    from trainer.modeling import MultitaskModel, fit_backbone, load_encoder
+    from trainer.modeling import (
+        LoraSetup,
+        MultitaskModel,
+        base_fingerprint,
+        base_tokens,
+        encoder_config,
+        fit_backbone,
+        load_encoder,
+    )
     from trainer.training import MultitaskTrainer
 
     set_seed(cfg.seed)
     tokenizer = setup.tokenizer()
     model = MultitaskModel(fit_backbone(load_encoder(setup.model, setup.model_init), tokenizer), [t.spec for t in tasks],
                            pretrained=setup.model if setup.model_init == "pretrained" else None)
+    lora = LoraSetup.from_config(cfg, encoder_config(setup.model), fingerprint=base_fingerprint(setup.model),
+                                 base_tokens=base_tokens(setup.model))
+    if lora is not None:
+        model.enable_lora(lora)
     return _quiet(MultitaskTrainer(model=model, args=training_args(cfg, precision=precision), tasks=tasks, cfg=cfg,
                                    processing_class=tokenizer, callbacks=list(callbacks)))
 

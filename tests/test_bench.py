@@ -205,6 +205,27 @@ def test_causal_lm_compares_the_decoder_with_the_plain_trainer_and_2_tasks_with_
         assert (setup.out_dir / "causal_lm.png").stat().st_size > 0
 
 
+def test_lora_compares_what_lora_and_full_fine_tuning_train_write_and_commit(tiny_encoder, pair_tasks, tmp_path):
+    setup = make_setup(tiny_encoder, pair_tasks, tmp_path)
+    assert "lora" in BENCHMARKS
+    run_all(setup, ["lora"])
+    res = json.loads((setup.out_dir / "lora.json").read_text())
+    check_ratios(res)
+    figures = {f["label"]: f for f in res["figures"]}
+    full, shared = res["measurements"]["false"], res["measurements"]["shared"]
+    steps = TINY.warmup_steps + TINY.timed_steps
+    assert full["steps"] == shared["steps"] == steps
+    assert shared["parameters"] > full["parameters"]  # the adapters come on top of the same model
+    assert shared["trainable_parameters"] < full["trainable_parameters"] == full["parameters"]
+    assert shared["weights_bytes"] < full["weights_bytes"] and shared["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert figures["checkpoint bytes: LoRA / full fine-tuning"]["numerator"] == shared["checkpoint_bytes"]
+    assert figures["checkpoint bytes: LoRA / full fine-tuning"]["goal"] == ["<=", 0.25]
+    for label in ("commit seconds: LoRA / full fine-tuning", "step time: LoRA / full fine-tuning",
+                  "trainable parameters: LoRA / full fine-tuning"):
+        assert math.isfinite(figures[label]["value"]) and figures[label]["value"] > 0, label
+    assert "| checkpoint bytes: LoRA / full fine-tuning |" in (setup.out_dir / "SUMMARY.md").read_text()
+
+
 def test_the_command_writes_results_and_prints_the_summary(tiny_encoder, pair_tasks, tmp_path, capsys):
     out = tmp_path / "results"
     code = bench_main(["--only", "accuracy", "--model", str(tiny_encoder), "--tasks-file", str(pair_tasks),

@@ -1,0 +1,105 @@
+"""LoRA against full fine-tuning on the benchmark encoder: what a run trains, writes and commits.
+
+The same tasks (`Setup.tasks`, round robin, every batch padded to `setup.max_length`) train the
+same number of steps twice from the same pretrained weights: with every weight trainable
+(LORA=false) and with one LoRA adapter on the frozen backbone plus the full heads (LORA=shared,
+PEFT's default target modules for the architecture, LORA_R=8). Each then saves the Trainer's
+checkpoint (weights, optimizer state, scheduler, RNG), and that folder is committed to a local
+store with the job's own commit (`trainer.checkpoints.commits.commit_checkpoint`: checksums,
+create-only uploads, the manifest last), as a save under SIGTERM commits it.
+
+Rows: trainable parameters, checkpoint bytes, commit seconds and step time (the median of the
+timed steps), each LoRA / full. A checkpoint that is this small commits in a fraction of the
+PREEMPTION_GRACE_SECONDS a Spot VM gives, for a backbone of any size: only the adapters, the
+heads and their optimizer state are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from .common import (
+    Setup,
+    StepClock,
+    bench_config,
+    cycle_names,
+    fixed_length_collator,
+    folder_bytes,
+    load_tasks,
+    multitask_trainer,
+    ratio,
+    result,
+    value,
+    variant,
+)
+
+logger = logging.getLogger("benchmarks")
+
+NAME = "lora"
+GOAL_CHECKPOINT = ("<=", 0.25)  # LoRA's checkpoint over full fine-tuning's: the backbone and its moments are not written
+MODES = ("false", "shared")
+
+
+def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
+    """Train `steps` steps with LORA=`lora`, save the Trainer's checkpoint, commit it; what it measured."""
+    from trainer.checkpoints.commits import commit_checkpoint
+    from trainer.checkpoints.storage import LocalStore
+
+    pairs = cycle_names(setup.tasks, max(2, len(setup.tasks)))
+    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=setup.max_length,
+                                            train_samples=steps * setup.batch_size)}
+    tokenizer = setup.tokenizer()
+    tasks = [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, setup.max_length))
+             for s, n in pairs]
+    cfg = bench_config(setup, [t.name for t in tasks], work / "run", max_steps=steps, sampling="round_robin",
+                       save_strategy="steps", save_steps=steps, save_total_limit=1, lora=lora)
+    clock = StepClock()
+    trainer = multitask_trainer(setup, tasks, cfg, callbacks=[clock])
+    trainer.train()
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{steps}"
+    store = LocalStore(work / "store")
+    began = time.perf_counter()
+    commit_checkpoint(store, checkpoint, "bench", steps, metadata={"benchmark": NAME})
+    commit_s = time.perf_counter() - began
+    model = trainer.model
+    timed = clock.step_seconds()[setup.plan.warmup_steps:] or clock.step_seconds()
+    return {
+        "lora": lora, "steps": trainer.state.global_step,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "checkpoint_bytes": folder_bytes(checkpoint), "weights_bytes": (checkpoint / "model.safetensors").stat().st_size,
+        "commit_s": commit_s, "step_s": statistics.median(timed),
+    }
+
+
+def run(setup: Setup) -> dict:
+    started = time.perf_counter()
+    plan = setup.plan
+    steps = plan.warmup_steps + plan.timed_steps
+    runs = {}
+    for lora in MODES:
+        logger.info("lora: LORA=%s, %d steps", lora, steps)
+        runs[lora] = train_and_commit(setup, lora, steps, setup.work_dir / NAME / lora)
+    full, shared = runs["false"], runs["shared"]
+    figures = [
+        ratio("trainable parameters: LoRA / full fine-tuning", shared["trainable_parameters"], full["trainable_parameters"],
+              of=("LoRA trainable parameters", "full trainable parameters"), unit="×"),
+        ratio("checkpoint bytes: LoRA / full fine-tuning", shared["checkpoint_bytes"], full["checkpoint_bytes"],
+              of=("LoRA checkpoint bytes", "full checkpoint bytes"), goal=GOAL_CHECKPOINT, unit="×"),
+        ratio("commit seconds: LoRA / full fine-tuning", shared["commit_s"], full["commit_s"],
+              of=("LoRA commit s", "full commit s"), unit="×"),
+        ratio("step time: LoRA / full fine-tuning", shared["step_s"], full["step_s"],
+              of=("LoRA step s", "full step s"), unit="×"),
+        value("LoRA checkpoint commit seconds (local store)", shared["commit_s"], unit="s"),
+    ]
+    notes = [f"Encoder: {setup.model_label}; {full['parameters']:,} parameters; LoRA: PEFT's default target modules, "
+             f"r=8, alpha=16; {shared['trainable_parameters']:,} trainable against {full['trainable_parameters']:,}.",
+             f"{steps} steps of {setup.batch_size} examples x {setup.max_length} tokens on {', '.join(setup.tasks)} "
+             f"(round robin), then the Trainer's checkpoint, committed to a local folder; step time is the median of the "
+             f"steps after the first {plan.warmup_steps}.",
+             "Commit seconds to GCS scale with the bytes (the upload benchmark measures the commit's throughput)."]
+    return result(NAME, "LoRA against full fine-tuning: trainable parameters, checkpoint, commit and step time", setup,
+                  started, figures=figures, measurements=runs, notes=notes)
