@@ -12,10 +12,12 @@ from .multitask import (
     fit_backbone,
     head_config,
     load_encoder,
+    materialise_head,
     max_input_length,
     prepare_tokenizer,
 )
 
 __all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "MultitaskModel", "bind_backbone", "check_backbone", "check_max_length",
            "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
-           "load_encoder", "max_input_length"]
+           "load_encoder", "max_input_length",
+           "materialise_head"]

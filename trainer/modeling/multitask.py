@@ -57,15 +57,26 @@ class MultitaskModel(nn.Module):
         return self.encoder.main_input_name
 
     def _make_head(self, spec: TaskSpec, pretrained: str | None = None) -> nn.Module:
+        """The task's head model bound to the shared encoder. It is built on the meta device, so
+        its own copy of the backbone never takes memory (at 8B parameters, one per task would):
+        only the head's own layers are then allocated, beside the encoder, and initialised as
+        transformers initialises them (`materialise_head`).
+
+        Raises:
+            TaskError: the encoder's architecture has no head of the task's type.
+        """
+        weight = next(self.encoder.parameters())
         try:
-            head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec))
+            with torch.device("meta"):
+                head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec), dtype=weight.dtype)
         except ValueError as e:
             raise TaskError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
                             f"{spec.task_type.auto_class}; use another backbone or drop the task") from e
         bind_backbone(head, self.encoder, spec)
+        materialise_head(head, self.encoder, weight.device)
         if pretrained is not None:
             load_pretrained_head(head, self.encoder, pretrained, spec)
-        return head.to(dtype=next(self.encoder.parameters()).dtype)
+        return head.to(dtype=weight.dtype)
 
     def _tied_keys(self) -> dict[str, str]:
         """{key: the first key of the same tensor} of every weight that is another's tensor: a
@@ -243,6 +254,36 @@ def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
     output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
     if output is not None and getattr(head.config, "tie_word_embeddings", False):
         output.weight = backbone.get_input_embeddings().weight
+
+
+def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device) -> None:
+    """Allocate, on `device`, the tensors of a head built on the meta device and bound to
+    `backbone` (`bind_backbone`), and initialise them as `from_config` would: the head's own
+    `initialize_weights`, with the backbone's tensors marked initialised (as transformers marks
+    loaded and tied weights) so that neither the walk over the head's modules nor a head-level
+    `_init_weights` reaching the backbone (T5's `shared`) touches them.
+
+    A tensor shared inside the head (a decoder bias tied to its prediction bias) stays one tensor.
+    """
+    made: dict[int, torch.Tensor] = {}
+    for module in head.modules():  # the bound backbone is not registered: these are the head's own
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or not tensor.is_meta:
+                    continue  # absent, or the shared backbone's (a tied output layer)
+                if id(tensor) not in made:
+                    empty = torch.empty_like(tensor, device=device)
+                    made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                        if isinstance(tensor, nn.Parameter) else empty)
+                tensors[name] = made[id(tensor)]
+    marked = [t for t in (*backbone.parameters(), *backbone.buffers()) if not getattr(t, "_is_hf_initialized", False)]
+    for tensor in marked:
+        tensor._is_hf_initialized = True
+    try:
+        head.initialize_weights()
+    finally:
+        for tensor in marked:
+            del tensor._is_hf_initialized
 
 
 def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
