@@ -36,6 +36,7 @@ from .modeling import (
     MultitaskModel,
     check_backbone,
     check_max_length,
+    check_memory_settings,
     encoder_config,
     fit_backbone,
     load_encoder,
@@ -223,6 +224,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
 
     run = cfg.resolved_run_name
     args = build_training_args(cfg, precision=precision, report_to=report_to)
+    # MODEL_DTYPE and ACTIVATION_CHECKPOINTING against the backbone's config: before any data is read.
+    dtype = check_memory_settings(cfg, encoder_config(cfg.model_name), precision)
     specs, raw, tokenizer = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
@@ -235,7 +238,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
         try:
             tasks = tokenize_data(cfg, specs, raw, tokenizer, args)
             set_seed(cfg.seed)
-            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs,
+            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init, dtype), tokenizer), specs,
                                    pretrained=cfg.model_name if cfg.model_init == "pretrained" else None)
             trainer = MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer)
             identity = _identity(cfg, precision, trainer)

@@ -1,18 +1,22 @@
 """Large backbones: memory. Each head is built without a throwaway backbone of its own (only the
-head's layers are allocated, initialised as transformers initialises them)."""
+head's layers are allocated, initialised as transformers initialises them), the backbone's layers
+can recompute their activations in the backward pass (ACTIVATION_CHECKPOINTING) with the same
+gradients, and the weights load in the dtype they train in (MODEL_DTYPE), checked against PRECISION."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AlbertConfig, AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
-from tests.modeling.test_multitask import declare, one_task_of_each_type, tiny_encoder
+from tests.conftest import run_cli, tiny_flags
+from tests.modeling.test_multitask import CLI_ENV, FAMILIES, declare, one_task_of_each_type, random_inputs, tiny_encoder
 from trainer.modeling import MultitaskModel, fit_backbone, prepare_tokenizer
 from trainer.tasks import build_spec
 
@@ -134,3 +138,172 @@ def test_heads_start_the_same_for_the_same_seed(tmp_path):
     first, again, other = build(3), build(3), build(4)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith("heads."))
+
+
+# ------------------------------------------------------------------------ activation checkpointing
+def inputs_for(spec, eos: int | None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`random_inputs`, every row ending with `eos` (T5's classifier reads it), the tokens
+    themselves as the targets of a generation task."""
+    inputs = random_inputs(declare(spec.name, "regression") if spec.type in ("causal_lm", "seq2seq") else spec, seed)
+    if eos is not None:
+        inputs["input_ids"][..., -1] = eos
+    if spec.type in ("causal_lm", "seq2seq"):
+        inputs["labels"] = inputs["input_ids"].clone()
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
+def test_activation_checkpointing_recomputes_the_backbone_with_the_same_loss_and_gradients(family, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    encoder, specs = every_head_type(family, tmp_path)
+    specs = [s for s in specs if s.type not in ("extractive_qa", "masked_lm", "multi_label")]
+    model = MultitaskModel(encoder, specs).train()  # dropout on: the recomputation must draw the same masks
+    layers = [m for m in encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    runs = []  # a checkpointed layer's modules run again in the backward pass (the layer's own `forward` is wrapped)
+    for layer in layers:
+        first = next(m for m in layer.modules() if list(m.parameters(recurse=False)))
+        first.register_forward_hook(lambda *_: runs.append(1))
+
+    def step(spec):
+        model.zero_grad(set_to_none=True)
+        runs.clear()
+        torch.manual_seed(7)
+        loss = model(task=spec.name, **inputs_for(spec, encoder.config.eos_token_id)).loss
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, len(runs)
+
+    plain = {s.name: step(s) for s in specs}
+    assert not model.is_activation_checkpointing
+    model.activation_checkpointing_enable()  # what the Trainer calls for TrainingArguments.activation_checkpointing
+    assert model.is_activation_checkpointing and encoder.is_activation_checkpointing
+    assert all(layer._gradient_checkpointing_func.keywords["use_reentrant"] is False for layer in layers)
+    for spec in specs:
+        loss, grads, ran = step(spec)
+        loss_before, grads_before, ran_before = plain[spec.name]
+        assert ran == 2 * ran_before > 0, f"{family} {spec.name}: the backbone's layers were not recomputed"
+        assert torch.allclose(loss, loss_before, rtol=0, atol=1e-6), spec.name
+        assert grads.keys() == grads_before.keys(), spec.name
+        for key, grad in grads.items():
+            assert torch.allclose(grad, grads_before[key], rtol=0, atol=1e-6), f"{family} {spec.name} {key}"
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+
+
+def test_activation_checkpointing_is_refused_for_a_backbone_without_it():
+    from trainer.config import ConfigError, load_config
+    from trainer.modeling import check_memory_settings
+
+    config = FAMILIES["albert"]()  # transformers has no activation checkpointing for ALBERT
+    model = MultitaskModel(AutoModel.from_config(config), one_task_of_each_type()[:1])
+    expected = ("ACTIVATION_CHECKPOINTING=true is not valid: {} (AlbertModel) does not support activation "
+                "checkpointing in transformers; set ACTIVATION_CHECKPOINTING=false")
+    with pytest.raises(ConfigError) as err:
+        model.activation_checkpointing_enable()
+    assert str(err.value) == expected.format("albert")
+    cfg = load_config({"model_name": "tiny-albert", "activation_checkpointing": "true"}, environ={}, env_file="")
+    with pytest.raises(ConfigError) as err:  # before any weights are loaded: the config is enough
+        check_memory_settings(cfg, config, "fp32")
+    assert str(err.value) == expected.format("tiny-albert")
+    assert check_memory_settings(cfg, FAMILIES["bert"](), "fp32") == torch.float32
+
+
+def test_a_backbone_without_activation_checkpointing_stops_the_cli_with_exit_2(tiny_model, tiny_tasks, tmp_path):
+    import shutil
+
+    albert = tmp_path / "albert"
+    shutil.copytree(tiny_model, albert)
+    AlbertConfig.from_dict({**BertConfig.from_pretrained(tiny_model).to_dict(), "model_type": "albert",
+                            "embedding_size": 16}).save_pretrained(albert)
+    out = tmp_path / "out"
+    done = run_cli("train", *tiny_flags(albert, tiny_tasks, out, activation_checkpointing="true"), env=CLI_ENV)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (f"error: ACTIVATION_CHECKPOINTING=true is not valid: {albert} (AlbertModel) does not "
+                                   "support activation checkpointing in transformers; set ACTIVATION_CHECKPOINTING=false")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------ the weights' dtype
+def settings(**values):
+    from trainer.config import load_config
+
+    return load_config({"model_name": "tiny", **values}, environ={}, env_file="")
+
+
+def test_model_dtype_is_float32_named_or_the_checkpoints_own_and_is_checked_against_the_precision():
+    from trainer.config import ConfigError
+    from trainer.modeling import check_memory_settings
+
+    stored = {name: BertConfig(dtype=name) for name in ("float32", "bfloat16", "float16")}
+    assert check_memory_settings(settings(), stored["bfloat16"], "fp32") == torch.float32  # float32 weights by default
+    assert check_memory_settings(settings(model_dtype="bfloat16"), stored["float32"], "bf16") == torch.bfloat16
+    assert check_memory_settings(settings(model_dtype="bfloat16"), stored["float32"], "fp32") == torch.bfloat16  # pure bf16
+    assert check_memory_settings(settings(model_dtype="auto"), stored["bfloat16"], "bf16") == torch.bfloat16
+    assert check_memory_settings(settings(model_dtype="auto"), BertConfig(), "fp32") == torch.float32  # the config names none
+
+    with pytest.raises(ConfigError) as err:  # what `auto` finds, which no setting names
+        check_memory_settings(settings(model_dtype="auto"), stored["float16"], "fp16")
+    assert str(err.value) == ("MODEL_DTYPE=auto is not valid: tiny is stored in float16, and float16 weights cannot be "
+                              "trained; set MODEL_DTYPE=float32 (with PRECISION=fp16 for fp16 mixed precision) or bfloat16")
+    # PRECISION=auto chose fp16 (a GPU older than compute capability 8.0): its loss scaling trains float32 weights.
+    for model_dtype, config in (("bfloat16", stored["float32"]), ("auto", stored["bfloat16"])):
+        with pytest.raises(ConfigError, match=rf"^MODEL_DTYPE={model_dtype} is not valid: bfloat16 weights.* cannot train "
+                                              r"with PRECISION=auto, which is fp16 on this GPU .*; set MODEL_DTYPE=float32$"):
+            check_memory_settings(settings(model_dtype=model_dtype), config, "fp16")
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    ({"model_dtype": "float16"}, "MODEL_DTYPE='float16' is not valid: expected float32 or bfloat16 (float16 weights cannot be trained"),
+    ({"model_dtype": "bfloat16", "precision": "fp16"}, "MODEL_DTYPE='bfloat16' is not valid: expected float32 with PRECISION=fp16"),
+    ({"model_dtype": "half"}, "MODEL_DTYPE='half' is not valid: expected float32|bfloat16|auto"),
+])
+def test_a_model_dtype_that_cannot_train_is_refused_with_the_settings(values, named):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        settings(**values)
+    assert str(err.value).startswith(named) and "\n" not in str(err.value)
+
+
+def safetensors_dtypes(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {f.get_slice(key).get_dtype() for key in f.keys()}
+
+
+def test_the_backbone_loads_in_model_dtype_whatever_the_checkpoint_holds(tiny_model, tmp_path):
+    from trainer.modeling import check_memory_settings, load_encoder
+
+    stored = tmp_path / "bf16"
+    AutoModel.from_config(BertConfig.from_pretrained(tiny_model), dtype=torch.bfloat16).save_pretrained(stored)
+    assert safetensors_dtypes(stored / "model.safetensors") == {"BF16"}
+    config = AutoConfig.from_pretrained(stored)
+    for model_dtype, expected in (("float32", torch.float32), ("auto", torch.bfloat16), ("bfloat16", torch.bfloat16)):
+        dtype = check_memory_settings(settings(model_dtype=model_dtype), config, "fp32")
+        for init in ("pretrained", "scratch"):
+            encoder = load_encoder(str(stored), init, dtype)
+            assert {p.dtype for p in encoder.parameters()} == {expected}, (model_dtype, init)
+    heads = MultitaskModel(encoder, one_task_of_each_type())
+    assert {p.dtype for p in heads.parameters()} == {torch.bfloat16}  # the heads follow the backbone
+
+
+def test_a_float32_checkpoint_trains_in_bfloat16_with_precision_bf16(tiny_model, tiny_tasks, tmp_path):
+    import shutil
+
+    pretrained = tmp_path / "pretrained"
+    shutil.copytree(tiny_model, pretrained)
+    AutoModel.from_config(AutoConfig.from_pretrained(pretrained)).save_pretrained(pretrained)
+    assert safetensors_dtypes(pretrained / "model.safetensors") == {"F32"}
+    out = tmp_path / "out"
+    done = run_cli("train", *tiny_flags(pretrained, tiny_tasks, out, run_name="bf16", model_init="pretrained",
+                                        model_dtype="bfloat16", precision="bf16", max_steps=1, export_at_end="false"),
+                   env=CLI_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    metrics = json.loads((out / "bf16" / "metrics.json").read_text())
+    assert metrics["step"] == 1 and torch.isfinite(torch.tensor(metrics["train"]["train_loss"]))
+    final = out / "bf16" / "final"
+    assert safetensors_dtypes(final / "model.safetensors") == {"BF16"}  # trained and saved in bfloat16, heads too
+    model = MultitaskModel.from_checkpoint(final)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -6,8 +6,10 @@ from .multitask import (
     WEIGHTS_FILE,
     MultitaskModel,
     bind_backbone,
+    check_activation_checkpointing,
     check_backbone,
     check_max_length,
+    check_memory_settings,
     encoder_config,
     fit_backbone,
     head_config,
@@ -20,4 +22,4 @@ from .multitask import (
 __all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "MultitaskModel", "bind_backbone", "check_backbone", "check_max_length",
            "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
            "load_encoder", "max_input_length",
-           "materialise_head"]
+           "check_activation_checkpointing", "check_memory_settings", "materialise_head"]
