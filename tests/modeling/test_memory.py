@@ -129,6 +129,23 @@ def test_each_head_is_initialised_as_transformers_builds_it_and_the_backbone_is_
             assert output.weight is encoder.get_input_embeddings().weight, spec.name
 
 
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_on_a_backbone_on_the_meta_device_the_heads_stay_there_and_tied(family, tmp_path):
+    # A model of modules only (checking settings against an architecture before any weights are
+    # read): nothing is allocated, and a tied output layer is still the backbone's embeddings.
+    encoder, specs = every_head_type(family, tmp_path)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(encoder.config)
+    with Allocations() as allocated:
+        model = MultitaskModel(encoder, specs)
+    assert allocated.bytes == 0
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    for spec in specs:
+        head = model.heads[spec.name]
+        if getattr(head.config, "tie_word_embeddings", False) and head.get_output_embeddings() is not None:
+            assert head.get_output_embeddings().weight is encoder.get_input_embeddings().weight, spec.name
+
+
 def test_heads_start_the_same_for_the_same_seed(tmp_path):
     def build(seed):
         encoder, specs = every_head_type("bert", tmp_path)

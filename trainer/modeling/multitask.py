@@ -289,12 +289,17 @@ def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device)
     `_init_weights` reaching the backbone (T5's `shared`) touches them.
 
     A tensor shared inside the head (a decoder bias tied to its prediction bias) stays one tensor.
+    On a backbone on the meta device itself (a model of modules only, to check settings against
+    an architecture) the head stays on the meta device too.
     """
+    if device.type == "meta":
+        return
+    backbone_tensors = {id(t) for t in (*backbone.parameters(), *backbone.buffers())}
     made: dict[int, torch.Tensor] = {}
     for module in head.modules():  # the bound backbone is not registered: these are the head's own
         for tensors in (module._parameters, module._buffers):
             for name, tensor in tensors.items():
-                if tensor is None or not tensor.is_meta:
+                if tensor is None or id(tensor) in backbone_tensors or not tensor.is_meta:
                     continue  # absent, or the shared backbone's (a tied output layer)
                 if id(tensor) not in made:
                     empty = torch.empty_like(tensor, device=device)
