@@ -216,6 +216,13 @@ def test_hash_ignores_where_outputs_go():
     assert a.hash() == b.hash() != c.hash()
 
 
+def test_hash_ignores_what_only_changes_memory():
+    # Checkpointed activations give the same gradients; the weights' dtype changes the training.
+    plain = load_config({}, environ={})
+    assert load_config({"activation_checkpointing": "true"}, environ={}).hash() == plain.hash()
+    assert load_config({"model_dtype": "bfloat16"}, environ={}).hash() != plain.hash()
+
+
 def test_settings_table_lists_every_setting():
     text = describe_settings()
     for name in Config.__dataclass_fields__:

@@ -41,6 +41,7 @@ from .modeling import (
     check_lora,
     check_lora_tokens,
     check_max_length,
+    check_memory_settings,
     encoder_config,
     fit_backbone,
     load_encoder,
@@ -230,6 +231,8 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
 
     run = cfg.resolved_run_name
     args = build_training_args(cfg, precision=precision, report_to=report_to)
+    # MODEL_DTYPE and ACTIVATION_CHECKPOINTING against the backbone's config: before any data is read.
+    dtype = check_memory_settings(cfg, encoder_config(cfg.model_name), precision)
     specs, raw, tokenizer = load_data(cfg, specs, args)  # bad data stops the job before it writes anything
     lock = lease = sync = None
     if args.process_index == 0:  # the job's one writer: refuse now if another job writes the run
@@ -242,7 +245,7 @@ def _train(cfg: Config, precision: str, specs: list[TaskSpec], store, preemption
         try:
             tasks = tokenize_data(cfg, specs, raw, tokenizer, args)
             set_seed(cfg.seed)
-            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init), tokenizer), specs,
+            model = MultitaskModel(fit_backbone(load_encoder(cfg.model_name, cfg.model_init, dtype), tokenizer), specs,
                                    pretrained=cfg.model_name if cfg.model_init == "pretrained" else None)
             lora = _lora_setup(cfg)
             if lora is not None:

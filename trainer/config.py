@@ -31,6 +31,7 @@ SAMPLING_STRATEGIES = ("proportional", "temperature", "uniform", "round_robin", 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STRATEGIES = ("no", "steps", "epoch")
 MODEL_INITS = ("pretrained", "scratch")
+MODEL_DTYPES = ("float32", "bfloat16", "auto")  # float16 weights cannot train: see `validate`
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we support (trainer.training.trackers)
 RESUME_MODES = ("auto", "never")
@@ -67,6 +68,10 @@ class Config:
     model_init: str = _setting("pretrained", "pretrained: load weights; scratch: build from the model's config only", "model")
     tokenizer_name: str | None = _setting(None, "tokenizer id or directory (default: MODEL_NAME)", "model")
     max_seq_length: int = _setting(128, "truncate inputs to this many tokens (per-task max_length overrides)", "model")
+    model_dtype: str = _setting(
+        "float32", "dtype the backbone's weights (and the heads) load and train in: float32 (PRECISION=bf16|fp16 then "
+        "computes in half precision on float32 weights), bfloat16 (half the weight memory), or auto (the checkpoint's own); "
+        "float16 weights cannot be trained", "model")
     special_tokens: list[str] = _setting(
         [], "comma-separated tokens to add to the tokenizer as special tokens (e.g. <sep>), besides the tasks' own", "model")
     lora: str = _setting("false", "train LoRA adapters on the frozen backbone instead of all its weights: false|shared (one "
@@ -110,6 +115,9 @@ class Config:
     weight_decay: float = _setting(0.01, "AdamW weight decay", "training")
     lr_scheduler: str = _setting("linear", "learning-rate schedule: " + "|".join(LR_SCHEDULERS), "training")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables)", "training")
+    activation_checkpointing: bool = _setting(
+        False, "recompute the backbone's activations in the backward pass instead of keeping them (gradient "
+        "checkpointing): less memory, slower steps, the same gradients", "training")
     precision: str = _setting("auto", "auto (bf16 on a GPU of compute capability >= 8.0, fp16 on an older GPU, else fp32)|fp32|bf16|fp16", "training")
     seed: int = _setting(42, "random seed for weights, sampling and data order", "training")
     logging_steps: int = _setting(50, "log training loss every N steps", "training")
@@ -211,7 +219,8 @@ class Config:
     def hash(self) -> str:
         """Short hash of the settings that shape the trained model (not where it is stored)."""
         payload = {k: v for s in ("model", "tasks", "sampling", "training") for k, v in self.section(s).items()}
-        for volatile in ("output_dir", "logging_steps", "dataloader_num_workers", "report_to"):
+        # ACTIVATION_CHECKPOINTING changes what is kept in memory, not the gradients.
+        for volatile in ("output_dir", "logging_steps", "dataloader_num_workers", "report_to", "activation_checkpointing"):
             payload.pop(volatile, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -502,6 +511,13 @@ def validate(cfg: Config) -> None:
            f"comma-separated module names such as query,value (not: {','.join(bad_names)})")
     _check(cfg.lora_export in LORA_EXPORTS, "lora_export", cfg.lora_export, "|".join(LORA_EXPORTS))
     _check(cfg.max_seq_length >= 8, "max_seq_length", cfg.max_seq_length, "an integer >= 8")
+    # float16 weights cannot be trained: the fp16 loss scaler refuses float16 gradients, and
+    # without it small gradients vanish (and AdamW's eps rounds to 0 in float16).
+    _check(cfg.model_dtype != "float16", "model_dtype", cfg.model_dtype,
+           "float32 or bfloat16 (float16 weights cannot be trained; for fp16 mixed precision keep float32 with PRECISION=fp16)")
+    _check(cfg.model_dtype in MODEL_DTYPES, "model_dtype", cfg.model_dtype, "|".join(MODEL_DTYPES))
+    _check(not (cfg.model_dtype == "bfloat16" and cfg.precision == "fp16"), "model_dtype", cfg.model_dtype,
+           "float32 with PRECISION=fp16 (fp16 mixed precision trains float32 weights), or PRECISION=bf16 with bfloat16 weights")
     _check(cfg.max_new_tokens >= 1, "max_new_tokens", cfg.max_new_tokens, "an integer >= 1")
     _check(cfg.num_beams >= 1, "num_beams", cfg.num_beams, "an integer >= 1")
     _check(len(cfg.tasks) > 0, "tasks", cfg.tasks, "at least one task name, e.g. stsb,rte")

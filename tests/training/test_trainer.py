@@ -319,6 +319,24 @@ def test_the_macro_average_is_the_mean_of_each_tasks_primary_metric(small_traine
     assert metrics["eval_macro_avg"] != pytest.approx(of_all)
 
 
+def test_activation_checkpointing_is_the_trainers_own_option_and_trains_the_same(tiny_model, small_tasks, tmp_path):
+    # ACTIVATION_CHECKPOINTING sets TrainingArguments.activation_checkpointing: the Trainer itself
+    # turns it on in `train`, through MultitaskModel.activation_checkpointing_enable.
+    import torch
+
+    runs = {}
+    for on in (False, True):
+        trainer = build_trainer(tiny_model, small_tasks, tmp_path / str(on), activation_checkpointing=on, max_steps=3,
+                                eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+        assert trainer.args.activation_checkpointing is on and not trainer.model.is_activation_checkpointing
+        result = trainer.train()
+        assert trainer.model.encoder.is_activation_checkpointing is on
+        runs[on] = result.training_loss, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    (loss, weights), (plain_loss, plain_weights) = runs[True], runs[False]
+    assert loss == pytest.approx(plain_loss, rel=0, abs=1e-6)
+    assert all(torch.allclose(weights[k], plain_weights[k], rtol=0, atol=1e-6) for k in plain_weights)
+
+
 def test_total_flos_counts_every_trained_batch_on_the_encoder_and_its_tasks_head(small_trainer):
     from tests.modeling.test_multitask import non_embedding_parameters
 

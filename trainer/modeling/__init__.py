@@ -7,14 +7,17 @@ from .multitask import (
     WEIGHTS_FILE,
     MultitaskModel,
     bind_backbone,
+    check_activation_checkpointing,
     check_backbone,
     check_lora,
     check_lora_tokens,
     check_max_length,
+    check_memory_settings,
     encoder_config,
     fit_backbone,
     head_config,
     load_encoder,
+    materialise_head,
     max_input_length,
     prepare_tokenizer,
 )
@@ -22,4 +25,5 @@ from .multitask import (
 __all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "LoraSetup", "MultitaskModel", "base_fingerprint", "base_tokens", "bind_backbone", "check_backbone",
            "check_lora", "check_lora_tokens", "check_max_length",
            "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
-           "load_encoder", "max_input_length"]
+           "load_encoder", "max_input_length",
+           "check_activation_checkpointing", "check_memory_settings", "materialise_head"]

@@ -64,15 +64,26 @@ class MultitaskModel(nn.Module):
         return self.encoder.main_input_name
 
     def _make_head(self, spec: TaskSpec, pretrained: str | None = None) -> nn.Module:
+        """The task's head model bound to the shared encoder. It is built on the meta device, so
+        its own copy of the backbone never takes memory (at 8B parameters, one per task would):
+        only the head's own layers are then allocated, beside the encoder, and initialised as
+        transformers initialises them (`materialise_head`).
+
+        Raises:
+            TaskError: the encoder's architecture has no head of the task's type.
+        """
+        weight = next(self.encoder.parameters())
         try:
-            head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec))
+            with torch.device("meta"):
+                head = spec.task_type.head_class().from_config(head_config(self.encoder.config, spec), dtype=weight.dtype)
         except ValueError as e:
             raise TaskError(f"task {spec.name!r}: {type(self.encoder.config).__name__} has no "
                             f"{spec.task_type.auto_class}; use another backbone or drop the task") from e
         bind_backbone(head, self.encoder, spec)
+        materialise_head(head, self.encoder, weight.device)
         if pretrained is not None:
             load_pretrained_head(head, self.encoder, pretrained, spec)
-        return head.to(dtype=next(self.encoder.parameters()).dtype)
+        return head.to(dtype=weight.dtype)
 
     def enable_lora(self, setup: lora_lib.LoraSetup) -> None:
         """Put LoRA adapters on the encoder (`lora.LoraAdapters`): its own weights freeze, the
@@ -176,6 +187,31 @@ class MultitaskModel(nn.Module):
             self._ran_parameters[task] = (self.encoder.num_parameters(exclude_embeddings=True)
                                           + self.heads[task].num_parameters(exclude_embeddings=True))
         return 6 * ids.numel() * self._ran_parameters[task]
+
+    # ---------------------------------------------------------------- activation checkpointing
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """What the `Trainer` calls for `TrainingArguments.activation_checkpointing`
+        (ACTIVATION_CHECKPOINTING): the shared backbone's layers, which every head runs, recompute
+        their activations in the backward pass. The heads' own layers are a few small ones; T5's
+        and BART's heads run the backbone's own stacks, so they are checkpointed too.
+
+        Non-reentrant by default (`use_reentrant=False`): the reentrant kind needs an input that
+        requires grad and breaks DDP's unused-parameter search, which the unused heads of a step need.
+
+        Raises:
+            ConfigError: the backbone's architecture does not support it.
+        """
+        check_activation_checkpointing(type(self.encoder), self.encoder.config.model_type)
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.encoder.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.encoder.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.encoder.is_activation_checkpointing
 
     # ---------------------------------------------------------------- saving and loading
     def describe(self) -> dict:
@@ -318,6 +354,41 @@ def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
     output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
     if output is not None and getattr(head.config, "tie_word_embeddings", False):
         output.weight = backbone.get_input_embeddings().weight
+
+
+def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device) -> None:
+    """Allocate, on `device`, the tensors of a head built on the meta device and bound to
+    `backbone` (`bind_backbone`), and initialise them as `from_config` would: the head's own
+    `initialize_weights`, with the backbone's tensors marked initialised (as transformers marks
+    loaded and tied weights) so that neither the walk over the head's modules nor a head-level
+    `_init_weights` reaching the backbone (T5's `shared`) touches them.
+
+    A tensor shared inside the head (a decoder bias tied to its prediction bias) stays one tensor.
+    On a backbone on the meta device itself (a model of modules only, to check settings against
+    an architecture) the head stays on the meta device too.
+    """
+    if device.type == "meta":
+        return
+    backbone_tensors = {id(t) for t in (*backbone.parameters(), *backbone.buffers())}
+    made: dict[int, torch.Tensor] = {}
+    for module in head.modules():  # the bound backbone is not registered: these are the head's own
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or id(tensor) in backbone_tensors or not tensor.is_meta:
+                    continue  # absent, or the shared backbone's (a tied output layer)
+                if id(tensor) not in made:
+                    empty = torch.empty_like(tensor, device=device)
+                    made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                                        if isinstance(tensor, nn.Parameter) else empty)
+                tensors[name] = made[id(tensor)]
+    marked = [t for t in (*backbone.parameters(), *backbone.buffers()) if not getattr(t, "_is_hf_initialized", False)]
+    for tensor in marked:
+        tensor._is_hf_initialized = True
+    try:
+        head.initialize_weights()
+    finally:
+        for tensor in marked:
+            del tensor._is_hf_initialized
 
 
 def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
@@ -574,10 +645,59 @@ def check_max_length(cfg: Config, specs: list[TaskSpec], tokenizer, model_config
                           f"tokens ({which}); set MAX_SEQ_LENGTH={most} or less")
 
 
-def load_encoder(model_name: str, init: str, dtype: torch.dtype | None = None):
-    """The shared encoder: pretrained weights, or built from the model's config (`scratch`)."""
+def check_activation_checkpointing(model_class, model_name: str) -> None:
+    """Refuse ACTIVATION_CHECKPOINTING for a backbone class (`AutoModel`'s for the architecture)
+    that transformers does not checkpoint (ALBERT…).
+
+    Raises:
+        ConfigError: one line naming the backbone.
+    """
+    if not getattr(model_class, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"ACTIVATION_CHECKPOINTING=true is not valid: {model_name} ({model_class.__name__}) does not "
+                          "support activation checkpointing in transformers; set ACTIVATION_CHECKPOINTING=false")
+
+
+def check_memory_settings(cfg: Config, model_config, precision: str) -> torch.dtype:
+    """Check MODEL_DTYPE and ACTIVATION_CHECKPOINTING against the backbone (its config, before
+    any weights or data are read) and the resolved PRECISION; return the dtype the backbone
+    loads in (MODEL_DTYPE, `auto` being the dtype the checkpoint's config names, else float32).
+
+    Raises:
+        ConfigError: weights of that dtype cannot train at this precision (float16 weights, which
+            `validate` refuses when named but `auto` may find; bfloat16 weights when PRECISION=auto
+            chose fp16 on this GPU), or the backbone has no activation checkpointing.
+    """
     from transformers import AutoModel
 
+    if cfg.activation_checkpointing and type(model_config) in AutoModel._model_mapping:
+        check_activation_checkpointing(AutoModel._model_mapping[type(model_config)], cfg.model_name)
+    if cfg.model_dtype == "auto":
+        dtype = getattr(model_config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    else:
+        dtype = getattr(torch, cfg.model_dtype)
+    if dtype == torch.float16:
+        raise ConfigError(f"MODEL_DTYPE={cfg.model_dtype} is not valid: {cfg.model_name} is stored in float16, and float16 "
+                          "weights cannot be trained; set MODEL_DTYPE=float32 (with PRECISION=fp16 for fp16 mixed precision) or bfloat16")
+    if dtype == torch.bfloat16 and precision == "fp16":
+        weights = "bfloat16 weights" + (f" ({cfg.model_name}'s own dtype)" if cfg.model_dtype == "auto" else "")
+        chosen = "PRECISION=auto, which is fp16 on this GPU" if cfg.precision == "auto" else "PRECISION=fp16"
+        raise ConfigError(f"MODEL_DTYPE={cfg.model_dtype} is not valid: {weights} cannot train with {chosen} (fp16 mixed "
+                          "precision trains float32 weights); set MODEL_DTYPE=float32")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"MODEL_DTYPE={cfg.model_dtype} is not valid: {cfg.model_name} is stored in {dtype}, which this "
+                          "trainer does not train; set MODEL_DTYPE=float32 or bfloat16")
+    return dtype
+
+
+def load_encoder(model_name: str, init: str, dtype: torch.dtype | None = None):
+    """The shared encoder: pretrained weights, or built from the model's config (`scratch`), in
+    `dtype` (MODEL_DTYPE, see `check_memory_settings`; None: transformers' default, the
+    checkpoint's own dtype for pretrained weights)."""
+    from transformers import AutoModel
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     if init == "scratch":
-        return AutoModel.from_config(encoder_config(model_name))
-    return AutoModel.from_pretrained(model_name, **({"dtype": dtype} if dtype is not None else {}))
+        return AutoModel.from_config(encoder_config(model_name), **kwargs)
+    return AutoModel.from_pretrained(model_name, **kwargs)

@@ -146,6 +146,9 @@ def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | N
         remove_unused_columns=False,  # batches carry `task`; the collators keep only model inputs
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
+        # `MultitaskModel.activation_checkpointing_enable` checkpoints the shared backbone
+        # (non-reentrant: it works with the unused-parameter search above).
+        activation_checkpointing=cfg.activation_checkpointing,
         # Without a GPU, torchrun processes only join one job (gloo) when asked to run on the CPU.
         use_cpu=not torch.cuda.is_available(),
     )
