@@ -19,7 +19,7 @@ from trainer.checkpoints import commits as cs
 
 EPOCHS, PATIENCE = 6, 2
 # At this rate and seed the macro average peaks at epoch 2 and falls at epochs 3 and 4 (checked below).
-SETTINGS = {"num_train_epochs": EPOCHS, "learning_rate": 1e-2, "seed": 3, "early_stopping_patience": PATIENCE}
+SETTINGS = {"num_train_epochs": EPOCHS, "learning_rate": 1e-2, "seed": 5, "early_stopping_patience": PATIENCE}
 BEST_STEP = 2 * STEPS_PER_EPOCH
 STOP_STEP = BEST_STEP + PATIENCE * STEPS_PER_EPOCH  # two evaluations without improvement
 PLANNED_STEPS = EPOCHS * STEPS_PER_EPOCH

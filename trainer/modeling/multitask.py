@@ -367,7 +367,7 @@ def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device)
     On a backbone on the meta device itself (a model of modules only, to check settings against
     an architecture) the head stays on the meta device too.
     """
-    if device.type == "meta":
+    if device == torch.device("meta"):
         return
     backbone_tensors = {id(t) for t in (*backbone.parameters(), *backbone.buffers())}
     made: dict[int, torch.Tensor] = {}
