@@ -278,3 +278,47 @@ def test_lora_settings_and_lora_on_a_scratch_backbone():
     assert str(err.value) == ("MODEL_INIT='scratch' is not valid: expected pretrained when LORA=shared (LoRA trains adapters "
                               "on frozen pretrained weights; a scratch backbone would stay random): set MODEL_INIT=pretrained, "
                               "or LORA=false")
+
+
+def test_fsdp_settings_and_what_fsdp_cannot_combine_with():
+    cfg = load_config({"fsdp": "shard_grad_op", "fsdp_offload": "true"}, environ={})
+    assert (cfg.fsdp, cfg.fsdp_offload) == ("shard_grad_op", True)
+    assert (load_config({}, environ={}).fsdp, load_config({}, environ={}).fsdp_offload) == ("false", False)
+    # Sharding changes where the weights live, not the gradients (the run's identity records FSDP: its files differ).
+    assert load_config({"fsdp": "full_shard"}, environ={}).hash() == load_config({}, environ={}).hash()
+    refused = {
+        ("hybrid_shard", "false", False): "FSDP='hybrid_shard' is not valid: expected false|full_shard|shard_grad_op "
+                                          "(hybrid_shard is FSDP1-only in transformers)",
+        ("false", "false", True): "FSDP_OFFLOAD=True is not valid: expected false when FSDP=false (there is nothing sharded "
+                                  "to offload): set FSDP=full_shard or shard_grad_op, or FSDP_OFFLOAD=false",
+        ("full_shard", "per_task", False): "FSDP='full_shard' is not valid: expected false with LORA=per_task (LoRA "
+                                           "checkpoints hold only the adapters and heads, FSDP saves and loads whole state "
+                                           "dicts): set LORA=false or FSDP=false",
+    }
+    for (fsdp, lora, offload), message in refused.items():
+        with pytest.raises(ConfigError) as err:
+            load_config({"fsdp": fsdp, "lora": lora, "fsdp_offload": offload}, environ={})
+        assert str(err.value) == message
+
+
+def test_cli_fsdp_on_one_process_exits_2_with_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "outputs"
+    result = run_cli("train", "--demo", "--fsdp=full_shard", f"--output_dir={out}", cwd=tmp_path,
+                     env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: FSDP='full_shard' is not valid: this job is one process (WORLD_SIZE=1), with "
+                                    "nothing to shard over; run it on several GPUs")
+    assert result.stderr.strip().endswith("or set FSDP=false")
+    assert not out.exists()
+
+
+def test_cli_fsdp_without_a_gpu_exits_2_with_one_line(tmp_path):
+    # A torchrun process on a machine without CUDA: accelerate would ignore FSDP and train plain DDP.
+    torchrun = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}
+    result = run_cli("train", "--demo", "--fsdp=shard_grad_op", f"--output_dir={tmp_path / 'o'}", cwd=tmp_path, env=torchrun)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "error: FSDP='shard_grad_op' is not valid: FSDP needs CUDA GPUs (accelerate shards only GPU jobs; on CPU it ignores "
+        "FSDP and would train every weight on every process); set FSDP=false on CPU")
+    assert not (tmp_path / "o").exists()

@@ -54,6 +54,7 @@ from .training import (
     NonFiniteLoss,
     add_early_stopping,
     build_training_args,
+    check_fsdp,
     check_task_mixing,
     resolve_precision,
     sampling_plan,
@@ -212,6 +213,7 @@ def train(cfg: Config) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision)
     report_to = trackers.setup(cfg)  # a tracker's missing package stops the job before anything is loaded
     specs = resolve_tasks(cfg)
+    check_fsdp(cfg, specs)  # one process, or no GPU: nothing to shard, before anything is loaded
     logger.info("Run %s: %s on %s (config %s)", cfg.resolved_run_name, cfg.model_name, ", ".join(cfg.tasks), cfg.hash())
     check_output_dir(cfg)
     store = open_checkpoint_store(cfg)
@@ -412,7 +414,7 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
     shutil.rmtree(building, ignore_errors=True)
     trainer.save_model(str(building))  # the final (or best, with LOAD_BEST_MODEL_AT_END) model
     model = trainer.accelerator.unwrap_model(trainer.model)
-    bad = [name for name, p in model.named_parameters() if not bool(p.isfinite().all())]
+    bad = _non_finite_parameters(model)
     if bad:
         raise NonFiniteLoss(f"the final weights are not finite ({bad[0]} and {len(bad) - 1} more): nothing was committed "
                             "as the final model; lower LEARNING_RATE or use PRECISION=fp32")
@@ -430,6 +432,8 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
         return results
     final_dir = cfg.run_dir / "final"
     if cfg.export_at_end:
+        if trainer.is_fsdp_enabled:  # each rank holds a shard: export from the full weights rank 0 saved
+            model = MultitaskModel.from_checkpoint(building)
         for i, task in enumerate(tasks):
             model.export(task.name, building / "export" / task.name, tokenizer, lora_export=cfg.lora_export)
             if i == 0:
@@ -451,6 +455,21 @@ def _finish(cfg: Config, store, sync, trainer, tasks: list[TaskData], tokenizer,
     export_to_model_dir(final_dir / "export")
     shutil.rmtree(work, ignore_errors=True)  # scratch: the run is committed
     return results
+
+
+def _non_finite_parameters(model) -> list[str]:
+    """The names of the parameters holding a NaN or an infinity, the same on every rank: under
+    FSDP each rank checks its own shards (`to_local`) and the ranks agree on whether any is bad."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters()
+           if not bool((p.to_local() if hasattr(p, "to_local") else p).isfinite().all())]
+    if hasattr(next(model.parameters()), "to_local") and torch.distributed.is_initialized():
+        flag = torch.tensor([float(bool(bad))], device=next(model.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = ["a shard on another rank"]
+    return bad
 
 
 def _local_path(store, key: str) -> Path | None:
@@ -587,7 +606,7 @@ def find_checkpoint(cfg: Config, checkpoint: str | None, run_dir: Path | None = 
 
 def _trainer_for(cfg: Config, model: MultitaskModel, tasks: list[TaskData], tokenizer, where: Path) -> MultitaskTrainer:
     """A Trainer for evaluation/prediction only; it works in the model's folder (creates nothing new)."""
-    args = build_training_args(cfg, precision=resolve_precision(cfg.precision))
+    args = build_training_args(cfg, precision=resolve_precision(cfg.precision), shard=False)
     args.output_dir = str(where)
     return MultitaskTrainer(model=model, args=args, tasks=tasks, cfg=cfg, processing_class=tokenizer, train_dataset=None)
 

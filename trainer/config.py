@@ -37,6 +37,10 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow")  # the Trainer's integrations we 
 RESUME_MODES = ("auto", "never")
 LORA_MODES = ("false", "shared", "per_task")  # LoRA adapters through PEFT (trainer.modeling.lora)
 LORA_EXPORTS = ("merged", "adapter")
+# Fully Sharded Data Parallel through the Trainer's `fsdp`/`fsdp_config` (FSDP2): full_shard frees
+# each layer's gathered weights after its forward, shard_grad_op keeps them until the backward.
+# hybrid_shard is FSDP1-only in transformers (deprecated there), so it is not offered.
+FSDP_MODES = ("false", "full_shard", "shard_grad_op")
 WORKDIR = ".trainer"  # the Trainer's scratch folder inside OUTPUT_DIR/<run>/
 
 # Variables that may sit in an env file beside our settings without being ours: credentials,
@@ -115,6 +119,13 @@ class Config:
     weight_decay: float = _setting(0.01, "AdamW weight decay", "training")
     lr_scheduler: str = _setting("linear", "learning-rate schedule: " + "|".join(LR_SCHEDULERS), "training")
     max_grad_norm: float = _setting(1.0, "gradient clipping norm (0 disables)", "training")
+    fsdp: str = _setting(
+        "false", "shard the backbone's weights, gradients and optimizer state over the GPUs of a torchrun job (FSDP2, "
+        "for a backbone that does not fit on one GPU): false|full_shard (least memory)|shard_grad_op (weights kept "
+        "gathered from forward to backward: faster, more memory); needs CUDA GPUs and WORLD_SIZE > 1", "training")
+    fsdp_offload: bool = _setting(
+        False, "FSDP: keep the sharded weights, gradients and optimizer state in CPU memory between uses (least GPU "
+        "memory, slower steps)", "training")
     activation_checkpointing: bool = _setting(
         False, "recompute the backbone's activations in the backward pass instead of keeping them (gradient "
         "checkpointing): less memory, slower steps, the same gradients", "training")
@@ -219,8 +230,9 @@ class Config:
     def hash(self) -> str:
         """Short hash of the settings that shape the trained model (not where it is stored)."""
         payload = {k: v for s in ("model", "tasks", "sampling", "training") for k, v in self.section(s).items()}
-        # ACTIVATION_CHECKPOINTING changes what is kept in memory, not the gradients.
-        for volatile in ("output_dir", "logging_steps", "dataloader_num_workers", "report_to", "activation_checkpointing"):
+        # ACTIVATION_CHECKPOINTING and FSDP change what is kept in memory and where, not the gradients.
+        for volatile in ("output_dir", "logging_steps", "dataloader_num_workers", "report_to", "activation_checkpointing",
+                         "fsdp", "fsdp_offload"):
             payload.pop(volatile, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -553,6 +565,15 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "a number in [0, 1)")
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
     _check(cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "a number >= 0")
+    _check(cfg.fsdp in FSDP_MODES, "fsdp", cfg.fsdp, "|".join(FSDP_MODES) + " (hybrid_shard is FSDP1-only in transformers)")
+    _check(not cfg.fsdp_offload or cfg.fsdp != "false", "fsdp_offload", True, "false when FSDP=false (there is nothing "
+           "sharded to offload): set FSDP=full_shard or shard_grad_op, or FSDP_OFFLOAD=false")
+    if cfg.fsdp != "false":
+        # LoRA's checkpoints hold the adapters and heads only and rebuild the frozen base from
+        # MODEL_NAME; FSDP's full-state-dict saves and loads (checkpoints, resume, best model) go
+        # through every weight. And LoRA's point, a small trainable part, is what FSDP does not need.
+        _check(cfg.lora == "false", "fsdp", cfg.fsdp, f"false with LORA={cfg.lora} (LoRA checkpoints hold only the "
+               "adapters and heads, FSDP saves and loads whole state dicts): set LORA=false or FSDP=false")
     _check(cfg.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", cfg.lr_scheduler, "|".join(LR_SCHEDULERS))
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, "|".join(PRECISIONS))
     _check(cfg.eval_strategy in STRATEGIES, "eval_strategy", cfg.eval_strategy, "|".join(STRATEGIES))

@@ -298,6 +298,7 @@ IDENTITY_SETTINGS = (
     "model_name", "model_init", "tokenizer_name", "max_seq_length", "special_tokens", "tasks", "max_train_samples", "sampling",
     "sampling_temperature", "sampling_cap", "task_weights", "group_by_length", "learning_rate", "train_batch_size",
     "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler", "max_grad_norm", "seed", "lora",
+    "fsdp",  # FSDP checkpoints hold the Trainer's FSDP model and optimizer files: DDP cannot resume them, nor FSDP DDP's
 )
 # The LoRA settings beside LORA, recorded when LORA is on (LORA_EXPORT may change: it shapes no weight).
 LORA_IDENTITY_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")

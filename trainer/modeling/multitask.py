@@ -63,6 +63,12 @@ class MultitaskModel(nn.Module):
     def main_input_name(self) -> str:
         return self.encoder.main_input_name
 
+    @property
+    def _no_split_modules(self):
+        """The backbone's transformer layer classes, which FSDP's transformer-based wrap (FSDP=…)
+        makes its units of, as it does for a transformers model of its own."""
+        return getattr(self.encoder, "_no_split_modules", None)
+
     def _make_head(self, spec: TaskSpec, pretrained: str | None = None) -> nn.Module:
         """The task's head model bound to the shared encoder. It is built on the meta device, so
         its own copy of the backbone never takes memory (at 8B parameters, one per task would):
@@ -658,19 +664,24 @@ def check_activation_checkpointing(model_class, model_name: str) -> None:
 
 
 def check_memory_settings(cfg: Config, model_config, precision: str) -> torch.dtype:
-    """Check MODEL_DTYPE and ACTIVATION_CHECKPOINTING against the backbone (its config, before
+    """Check MODEL_DTYPE, ACTIVATION_CHECKPOINTING and FSDP against the backbone (its config, before
     any weights or data are read) and the resolved PRECISION; return the dtype the backbone
     loads in (MODEL_DTYPE, `auto` being the dtype the checkpoint's config names, else float32).
 
     Raises:
         ConfigError: weights of that dtype cannot train at this precision (float16 weights, which
             `validate` refuses when named but `auto` may find; bfloat16 weights when PRECISION=auto
-            chose fp16 on this GPU), or the backbone has no activation checkpointing.
+            chose fp16 on this GPU), or the backbone has no activation checkpointing, or (FSDP) no
+            transformer layer classes to shard by.
     """
     from transformers import AutoModel
 
-    if cfg.activation_checkpointing and type(model_config) in AutoModel._model_mapping:
-        check_activation_checkpointing(AutoModel._model_mapping[type(model_config)], cfg.model_name)
+    backbone_class = AutoModel._model_mapping[type(model_config)] if type(model_config) in AutoModel._model_mapping else None
+    if cfg.activation_checkpointing and cfg.fsdp == "false" and backbone_class is not None:
+        check_activation_checkpointing(backbone_class, cfg.model_name)  # under FSDP, FSDP's own wraps any layer
+    if cfg.fsdp != "false" and backbone_class is not None and not getattr(backbone_class, "_no_split_modules", None):
+        raise ConfigError(f"FSDP={cfg.fsdp!r} is not valid: {cfg.model_name} ({backbone_class.__name__}) names no transformer "
+                          "layer classes (_no_split_modules) for FSDP to shard by; set FSDP=false")
     if cfg.model_dtype == "auto":
         dtype = getattr(model_config, "dtype", None) or torch.float32
         if isinstance(dtype, str):

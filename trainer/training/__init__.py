@@ -10,8 +10,10 @@ from .trainer import (
     add_early_stopping,
     build_training_args,
     chance_scores,
+    check_fsdp,
     check_task_mixing,
     decode,
+    fsdp_config,
     resolve_precision,
     sampling_plan,
     score_task,
@@ -19,5 +21,5 @@ from .trainer import (
 )
 
 __all__ = ["MACRO_METRIC", "DiskFull", "MultitaskTrainer", "NonFiniteLoss", "TaskProgressCallback", "add_early_stopping",
-           "build_training_args", "chance_scores", "check_task_mixing", "decode", "resolve_precision", "sampling_plan",
-           "score_task", "stopped_early"]
+           "build_training_args", "chance_scores", "check_fsdp", "check_task_mixing", "decode", "fsdp_config",
+           "resolve_precision", "sampling_plan", "score_task", "stopped_early"]

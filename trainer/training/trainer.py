@@ -59,6 +59,35 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def check_fsdp(cfg: Config, specs: list[TaskSpec], *, environ=None, cuda: bool | None = None) -> None:
+    """Refuse FSDP where the Trainer cannot shard, before anything is loaded: on one process (the
+    world size is torchrun's WORLD_SIZE, which the Trainer reads too), without CUDA GPUs (accelerate
+    sets FSDP up for GPU jobs only: on CPU it ignores the FSDP plugin and would train unsharded), and
+    with a task that generates text (generation calls the head's `generate` outside the sharded
+    model's forward, on weights FSDP keeps sharded). `cuda`: None asks torch.
+
+    Raises:
+        ConfigError: one line naming FSDP, why, and the fix.
+    """
+    import os
+
+    if cfg.fsdp == "false":
+        return
+    environ = os.environ if environ is None else environ
+    world = environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not world.isdigit() or int(world) < 2:
+        raise ConfigError(f"FSDP={cfg.fsdp!r} is not valid: this job is one process (WORLD_SIZE={world}), with nothing to "
+                          "shard over; run it on several GPUs (on a node with several, `python -m trainer train` starts "
+                          "torchrun itself; on Vertex AI set ACCELERATOR_COUNT or REPLICA_COUNT > 1), or set FSDP=false")
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        raise ConfigError(f"FSDP={cfg.fsdp!r} is not valid: FSDP needs CUDA GPUs (accelerate shards only GPU jobs; on CPU "
+                          "it ignores FSDP and would train every weight on every process); set FSDP=false on CPU")
+    for spec in specs:
+        if spec.task_type.generates:
+            raise ConfigError(f"FSDP={cfg.fsdp!r} is not valid with task {spec.name!r} (type {spec.type}): generation runs "
+                              "the head outside the sharded model's forward, on sharded weights; set FSDP=false or drop the task")
+
+
 def check_task_mixing(cfg: Config, specs: list[TaskSpec], train_sizes: list[int]) -> None:
     """Check, from the train splits' sizes alone, that SAMPLING gives every task steps.
 
@@ -105,16 +134,19 @@ def sampling_plan(tasks: list[TaskData], sampler: MultitaskBatchSampler, gradien
     return "\n".join(lines)
 
 
-def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | None = None) -> TrainingArguments:
-
+def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | None = None,
+                        shard: bool = True) -> TrainingArguments:
     """`TrainingArguments` from the config; one place maps our settings to the Trainer's.
 
     `report_to`: the Trainer integrations to log to (`trackers.setup`); none when not given.
+    `shard`: False leaves FSDP off whatever FSDP says (evaluating or predicting with a saved
+    model, which loads whole on every process).
 
     The Trainer works in the run's scratch folder (`Config.work_dir`) and keeps one
     checkpoint there (and the best): the committed checkpoints, SAVE_TOTAL_LIMIT of them and the
     best, live in the checkpoint store (`checkpoints.callback.CheckpointSync` prunes it).
     """
+    fsdp = shard and cfg.fsdp != "false"
     return TrainingArguments(
         output_dir=str(cfg.work_dir),
         run_name=cfg.resolved_run_name,
@@ -147,11 +179,36 @@ def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | N
         label_names=["labels"],
         ddp_find_unused_parameters=True,  # each step uses one head; the others get no gradient
         # `MultitaskModel.activation_checkpointing_enable` checkpoints the shared backbone
-        # (non-reentrant: it works with the unused-parameter search above).
-        activation_checkpointing=cfg.activation_checkpointing,
+        # (non-reentrant: it works with the unused-parameter search above). Under FSDP, FSDP's own
+        # instead (`fsdp_config`): the Trainer refuses both, and its own gathers each layer twice.
+        activation_checkpointing=cfg.activation_checkpointing and not fsdp,
+        fsdp=fsdp or None,
+        fsdp_config=fsdp_config(cfg) if fsdp else None,
         # Without a GPU, torchrun processes only join one job (gloo) when asked to run on the CPU.
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def fsdp_config(cfg: Config) -> dict:
+    """The Trainer's `fsdp_config` for FSDP=full_shard|shard_grad_op (`check_fsdp` says where it runs).
+
+    FSDP2 (`fully_shard`): every parameter is its own sharded tensor, so a step that runs one
+    task's head and leaves the others without gradients reduces just the gradients it has (FSDP1
+    needed `use_orig_params` for that); all ranks train the same task at each step, so they agree
+    on which. Each of the backbone's transformer layers is its own FSDP unit: accelerate's
+    transformer-based wrap takes the classes of the model's `_no_split_modules`, which
+    `MultitaskModel` takes from the backbone (BertLayer, LlamaDecoderLayer…). The rest (embeddings
+    and heads) is the root unit. Saves gather the full state dict on rank 0, so checkpoints and
+    exports keep their format.
+    """
+    return {
+        "version": 2,
+        "reshard_after_forward": cfg.fsdp == "full_shard",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_offload": cfg.fsdp_offload,
+        "activation_checkpointing": cfg.activation_checkpointing,
+    }
 
 
 class TaskProgressCallback(ProgressCallback):
@@ -574,13 +631,15 @@ class MultitaskTrainer(Trainer):
 
     def _bytes_to_save(self, *, weights_only: bool) -> int:
         """About what a save writes: the last checkpoint's size, else the weights the model saves
-        (with LoRA, the trainable ones only) plus two AdamW moments per trainable parameter."""
+        (with LoRA, the trainable ones only) plus two AdamW moments per trainable parameter; under
+        FSDP a checkpoint holds the weights twice (model.safetensors and the Trainer's FSDP file)."""
         if not weights_only and getattr(self, "_checkpoint_bytes", None):
             return self._checkpoint_bytes
         model = self.accelerator.unwrap_model(self.model)
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         moments = 0 if weights_only else sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
-        return weights + moments + (64 << 10)
+        copies = 2 if self.is_fsdp_enabled and not weights_only else 1
+        return copies * weights + moments + (64 << 10)
 
 
 class DiskFull(OSError):
