@@ -139,7 +139,7 @@ cloud-train: venv ## submit the .env job to Vertex AI on IMAGE_URI (push it firs
 TEST_WORKERS ?= 2
 
 test: venv-dev ## run the test suite (offline, tiny models, real GCS servers and Vertex endpoint); TEST_WORKERS=1 runs it serially
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --durations=30 tests $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: venv-dev ## static checks: ruff, shellcheck (.ci scripts), hadolint (Dockerfile)
 	$(PY) -m ruff check trainer tests benchmarks
