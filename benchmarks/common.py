@@ -557,6 +557,17 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def padded_tasks(setup: Setup, n_tasks: int, steps: int) -> list[TaskData]:
+    """The first `n_tasks` of `setup.tasks` (repeated under new names when there are fewer), with
+    enough training examples for `steps` batches, every batch padded to `setup.max_length`."""
+    pairs = cycle_names(setup.tasks, n_tasks)
+    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=setup.max_length,
+                                            train_samples=steps * setup.batch_size)}
+    tokenizer = setup.tokenizer()
+    return [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, setup.max_length))
+            for s, n in pairs]
+
+
 def train_and_save(setup: Setup, kind: str, n_tasks: int, steps: int, out: Path) -> dict[str, Any]:
     """Train `steps` steps, every batch padded to `setup.max_length`, then let the Trainer save its
     checkpoint (weights, optimizer, scheduler, RNG); returns what it wrote.
@@ -565,12 +576,7 @@ def train_and_save(setup: Setup, kind: str, n_tasks: int, steps: int, out: Path)
     new names when there are fewer), round robin so every head has its optimizer state; "trainer":
     the plain `Trainer` on the first task.
     """
-    pairs = cycle_names(setup.tasks, n_tasks)
-    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=setup.max_length,
-                                            train_samples=steps * setup.batch_size)}
-    tokenizer = setup.tokenizer()
-    tasks = [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, setup.max_length))
-             for s, n in pairs]
+    tasks = padded_tasks(setup, n_tasks, steps)
     cfg = bench_config(setup, [t.name for t in tasks], out / "run", max_steps=steps, sampling="round_robin",
                        save_strategy="steps", save_steps=steps, save_total_limit=1)
     if kind == "trainer":

@@ -25,15 +25,12 @@ from .common import (
     Setup,
     StepClock,
     bench_config,
-    cycle_names,
-    fixed_length_collator,
     folder_bytes,
-    load_tasks,
     multitask_trainer,
+    padded_tasks,
     ratio,
     result,
     value,
-    variant,
 )
 
 logger = logging.getLogger("benchmarks")
@@ -48,12 +45,7 @@ def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
     from trainer.checkpoints.commits import commit_checkpoint
     from trainer.checkpoints.storage import LocalStore
 
-    pairs = cycle_names(setup.tasks, max(2, len(setup.tasks)))
-    loaded = {t.name: t for t in load_tasks(setup, sorted({s for s, _ in pairs}), max_length=setup.max_length,
-                                            train_samples=steps * setup.batch_size)}
-    tokenizer = setup.tokenizer()
-    tasks = [variant(loaded[s], name=n, collator=fixed_length_collator(loaded[s].spec, tokenizer, setup.max_length))
-             for s, n in pairs]
+    tasks = padded_tasks(setup, max(2, len(setup.tasks)), steps)
     cfg = bench_config(setup, [t.name for t in tasks], work / "run", max_steps=steps, sampling="round_robin",
                        save_strategy="steps", save_steps=steps, save_total_limit=1, lora=lora)
     clock = StepClock()

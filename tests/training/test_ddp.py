@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_tasks_file
+from tests.conftest import write_tasks_file
 from tests.ddp_probe import MAX_STEPS, TRAIN_BATCH_SIZE, WATCHDOG_S, checksum
+from tests.torchrun import run_probe
 
 WORLD = 2
 N_TRAIN = 9
 TASKS = ["demo_similarity", "demo_entailment", "demo_choice", "demo_tags"]
 TASK_BATCH_SIZES = {"demo_choice": 2, "demo_tags": 3}  # the others use TRAIN_BATCH_SIZE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +37,8 @@ def ddp_run(tiny_model, tmp_path_factory) -> dict:
     tasks_file.write_text(json.dumps(declared))
     out = tmp / "out"
     out.mkdir()
-    env = {
-        **os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "HF_DATASETS_CACHE": str(tmp / "hf-datasets"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-        "TOKENIZERS_PARALLELISM": "false", "ENV_FILE": "", "TQDM_DISABLE": "1",  # keep failure output readable
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(ROOT / "tests" / "ddp_probe.py"), str(tiny_model), str(tasks_file), str(out)]
-    # Its own session, so a timeout can kill torchrun and both ranks, not torchrun alone.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=WATCHDOG_S + 30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    _, stderr = run_probe("ddp_probe.py", [str(tiny_model), str(tasks_file), str(out)], tmp, processes=WORLD,
+                          timeout=WATCHDOG_S + 30)
     records = {}
     for rank in range(WORLD):
         path = out / f"rank{rank}.json"

@@ -10,14 +10,10 @@ with accelerate's own wrap policy and torch's `fully_shard` (tests/fsdp_probe.py
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, write_tasks_file
+from tests.conftest import write_tasks_file
 from trainer.config import ConfigError, load_config
 from trainer.tasks import build_spec
 
@@ -103,25 +99,13 @@ def test_fsdp_needs_a_backbone_that_names_its_layer_classes(monkeypatch):
 def fsdp_run(tiny_model, tmp_path_factory) -> dict:
     """tests/fsdp_probe.py under torchrun, 2 processes on gloo: the ranks' records and the output folder."""
     from tests.fsdp_probe import WATCHDOG_S
-    from tests.training.test_ddp import free_port
+    from tests.torchrun import run_probe
 
     tmp = tmp_path_factory.mktemp("fsdp")
     tasks_file = write_tasks_file(tmp / "tasks", n_train=9, n_eval=4, token_task=False)
     out = tmp / "out"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp / "hf-datasets"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "TOKENIZERS_PARALLELISM": "false", "ENV_FILE": "", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(ROOT / "tests" / "fsdp_probe.py"), str(tiny_model), str(tasks_file), str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=WATCHDOG_S + 30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    run_probe("fsdp_probe.py", [str(tiny_model), str(tasks_file), str(out)], tmp, processes=2, timeout=WATCHDOG_S + 30)
     return {"records": {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(2)}, "out": out}
 
 
