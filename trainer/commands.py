@@ -319,11 +319,11 @@ def _identity(cfg: Config, precision: str, trainer, lora: LoraSetup | None = Non
     sampler = trainer.make_batch_sampler()
     tasks = []
     for task, batch_size, lengths in zip(trainer.tasks, sampler.batch_sizes, trainer.train_lengths()):
-        # Where the data lives and how it is scored (metrics, threshold) do not shape the weights; a
-        # loss_weight of 1 is left out, as before it existed, so older checkpoints stay resumable.
+        # Where the data lives and how it is scored (metrics, threshold) do not shape the weights.
+        # (`to_dict` leaves keys added later out at their defaults, a loss_weight of 1 among them, so
+        # older checkpoints stay resumable.)
         declaration = {k: v for k, v in task.spec.to_dict().items()
-                       if k not in ("files", "hub", "hub_config", "splits", "metrics", "threshold")
-                       and not (k == "loss_weight" and v == 1.0)}
+                       if k not in ("files", "hub", "hub_config", "splits", "metrics", "threshold")}
         tasks.append({"name": task.name, "examples": len(task.train), "batch_size": batch_size,
                       "declaration": hashlib.sha256(json.dumps(declaration, sort_keys=True).encode()).hexdigest()[:16],
                       "data": data_fingerprint(lengths, task.train[_learned_column(task.train)])})
