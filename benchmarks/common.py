@@ -145,6 +145,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
+        "precision_auto": _auto_precision(),
     }
     try:
         import psutil
@@ -153,6 +154,28 @@ def machine_info(threads: int) -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _auto_precision() -> str:
+    """What PRECISION=auto resolves to on this machine, by the trainer's own rule."""
+    from trainer.training import resolve_precision
+
+    return resolve_precision("auto")
+
+
+def reset_gpu_peak() -> None:
+    """Start counting peak GPU memory afresh (nothing without a GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak_bytes() -> int | None:
+    """The most GPU memory torch's allocator held since `reset_gpu_peak` (None without a GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def gpu_precisions() -> list[str]:

@@ -9,7 +9,7 @@ store with the job's own commit (`trainer.checkpoints.commits.commit_checkpoint`
 create-only uploads, the manifest last), as a save under SIGTERM commits it.
 
 Rows: trainable parameters, checkpoint bytes, commit seconds and step time (the median of the
-timed steps), each LoRA / full. A checkpoint that is this small commits in a fraction of the
+timed steps), each LoRA / full; on a GPU, in bf16 where it has it, peak GPU memory too. A checkpoint that is this small commits in a fraction of the
 PREEMPTION_GRACE_SECONDS a Spot VM gives, for a backbone of any size: only the adapters, the
 heads and their optimizer state are written.
 """
@@ -26,9 +26,12 @@ from .common import (
     StepClock,
     bench_config,
     folder_bytes,
+    gpu_peak_bytes,
+    gpu_precisions,
     multitask_trainer,
     padded_tasks,
     ratio,
+    reset_gpu_peak,
     result,
     value,
 )
@@ -46,11 +49,14 @@ def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
     from trainer.checkpoints.storage import LocalStore
 
     tasks = padded_tasks(setup, max(2, len(setup.tasks)), steps)
+    precision = (gpu_precisions() or ["fp32"])[0]  # bf16 where the GPU has it, as PRECISION=auto chooses
     cfg = bench_config(setup, [t.name for t in tasks], work / "run", max_steps=steps, sampling="round_robin",
-                       save_strategy="steps", save_steps=steps, save_total_limit=1, lora=lora)
+                       save_strategy="steps", save_steps=steps, save_total_limit=1, lora=lora, precision=precision)
     clock = StepClock()
+    reset_gpu_peak()
     trainer = multitask_trainer(setup, tasks, cfg, callbacks=[clock])
     trainer.train()
+    peak = gpu_peak_bytes()
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{steps}"
     store = LocalStore(work / "store")
     began = time.perf_counter()
@@ -63,7 +69,7 @@ def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "checkpoint_bytes": folder_bytes(checkpoint), "weights_bytes": (checkpoint / "model.safetensors").stat().st_size,
-        "commit_s": commit_s, "step_s": statistics.median(timed),
+        "commit_s": commit_s, "step_s": statistics.median(timed), "precision": precision, "gpu_peak_bytes": peak,
     }
 
 
@@ -87,11 +93,17 @@ def run(setup: Setup) -> dict:
               of=("LoRA step s", "full step s"), unit="×"),
         value("LoRA checkpoint commit seconds (local store)", shared["commit_s"], unit="s"),
     ]
+    if full["gpu_peak_bytes"]:
+        figures.append(ratio(f"peak GPU memory: LoRA / full fine-tuning ({full['precision']})", shared["gpu_peak_bytes"],
+                             full["gpu_peak_bytes"], of=("LoRA peak bytes", "full peak bytes"), unit="×"))
     notes = [f"Encoder: {setup.model_label}; {full['parameters']:,} parameters; LoRA: PEFT's default target modules, "
              f"r=8, alpha=16; {shared['trainable_parameters']:,} trainable against {full['trainable_parameters']:,}.",
              f"{steps} steps of {setup.batch_size} examples x {setup.max_length} tokens on {', '.join(setup.tasks)} "
              f"(round robin), then the Trainer's checkpoint, committed to a local folder; step time is the median of the "
              f"steps after the first {plan.warmup_steps}.",
-             "Commit seconds to GCS scale with the bytes (the upload benchmark measures the commit's throughput)."]
+             "Commit seconds to GCS scale with the bytes (the upload benchmark measures the commit's throughput).",
+             f"Precision {full['precision']}; " + ("peak GPU memory is torch's allocator peak over model building, "
+                                                   "training and saving." if full["gpu_peak_bytes"] else
+                                                   "no GPU on this machine: no peak GPU memory row.")]
     return result(NAME, "LoRA against full fine-tuning: trainable parameters, checkpoint, commit and step time", setup,
                   started, figures=figures, measurements=runs, notes=notes)

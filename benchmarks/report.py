@@ -56,7 +56,8 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
     m = results[0]["machine"]
     out = ["# Benchmark results", "",
            f"Machine: {m['cpu_count']} CPU cores ({m['processor']}), {m.get('memory_gb', '?')} GB, {m['gpu']}; "
-           f"torch {m['torch']} with {m['torch_threads']} threads, transformers {m['transformers']}, Python {m['python']}.",
+           f"torch {m['torch']} with {m['torch_threads']} threads, transformers {m['transformers']}, Python {m['python']}"
+           + (f"; PRECISION=auto resolves to {m['precision_auto']} here." if m.get("precision_auto") else "."),
            f"Model: {results[0]['setup'].get('model_label') or results[0]['setup']['model']}; tasks: "
            f"{', '.join(results[0]['setup']['tasks'])} from `{_short(results[0]['setup']['tasks_file'])}`; "
            f"batch size {results[0]['setup']['batch_size']}, max length {results[0]['setup']['max_length']}.",

@@ -48,6 +48,17 @@ def test_another_learning_rate_under_the_same_run_name_is_refused(finished_run):
     cs.verify_local(out / RUN / "final")
 
 
+def test_weights_in_another_dtype_under_the_same_run_name_are_refused(finished_run):
+    # MODEL_DTYPE shapes every update as PRECISION does: bfloat16 weights resumed from a float32
+    # run's checkpoint would go on as another run.
+    out, make_flags = finished_run
+    other = train(*make_flags(model_dtype="bfloat16", num_train_epochs=4))
+    assert other.returncode == 2, other.stderr[-2000:]
+    line = other.stderr.strip()
+    assert line.count("\n") == 0 and "MODEL_DTYPE=float32 (now bfloat16)" in line and "set another RUN_NAME" in line
+    assert cs.verify_local(out / RUN / "final").step == 24
+
+
 def test_a_longer_run_resumes_a_finished_one(finished_run):
     out, make_flags = finished_run
     longer = train(*make_flags(num_train_epochs=4))
@@ -80,6 +91,12 @@ def test_the_lora_settings_and_the_base_weights_are_part_of_a_lora_runs_identity
     # a checkpoint from before LoRA existed: no LORA in its settings, and LORA=false is what it did
     before = {**plain, "settings": {k: v for k, v in plain["settings"].items() if not k.startswith("LORA")}}
     assert identity_differences(before, plain) == []
+    # nor MODEL_DTYPE, from before it was recorded: float32 weights are what such runs trained
+    undated = {**plain, "settings": {k: v for k, v in plain["settings"].items() if k != "MODEL_DTYPE"}}
+    assert identity_differences(undated, plain) == []
+    bf16 = run_identity(load_config({"model_init": "pretrained"}, environ={}, env_file=""), precision="fp32", world_size=1,
+                        drop_last=False, tasks=[], model_dtype="bfloat16")
+    assert identity_differences(undated, bf16) == ["MODEL_DTYPE=float32 (now bfloat16)"]
     lora = identity("0123456789abcdef", lora="shared")
     assert identity_differences(lora, identity("0123456789abcdef", lora="shared", lora_export="adapter")) == []
     assert identity_differences(lora, identity("fedcba9876543210", lora="shared")) == [

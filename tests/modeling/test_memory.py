@@ -95,6 +95,30 @@ def test_building_the_heads_allocates_the_heads_alone_not_a_backbone_each(family
 
 
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
+def test_exporting_a_task_allocates_no_second_backbone_and_the_export_holds_the_trained_weights(family, tmp_path):
+    # The old export built each task's AutoModelFor… with from_config (a second, randomly
+    # initialised backbone: 32 GB at 8B parameters in float32) and copied the weights into it.
+    # The standalone model now takes the live tensors themselves.
+    from trainer.modeling.multitask import _backbone_prefix
+
+    encoder, specs = every_head_type(family, tmp_path)
+    backbone = sum(t.numel() * t.element_size() for t in (*encoder.parameters(), *encoder.buffers()))
+    model = MultitaskModel(encoder, specs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for spec in specs:
+        with Allocations() as allocated:
+            folder = model.export(spec.name, tmp_path / "export" / spec.name)
+        assert allocated.bytes < 0.05 * backbone, f"{spec.name}: the export allocated {allocated.bytes / backbone:.2f} backbones"
+
+        reloaded = spec.task_type.head_class().from_pretrained(folder)
+        prefix = _backbone_prefix(reloaded, type(encoder))
+        trained = {f"{prefix}{k}": v for k, v in encoder.state_dict().items()} | model.heads[spec.name].state_dict()
+        for key, tensor in reloaded.state_dict().items():
+            assert torch.equal(tensor, trained[key]), f"{family} {spec.name}: {key} is not the trained weight"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "exporting changed the model"
+
+
+@pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_each_head_is_initialised_as_transformers_builds_it_and_the_backbone_is_untouched(family, tmp_path):
     from trainer.modeling import bind_backbone, head_config
 

@@ -315,17 +315,20 @@ def data_fingerprint(lengths, labels) -> str:
 
 
 def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: bool, tasks: list[dict[str, Any]],
-                 base_fingerprint: str | None = None) -> dict[str, Any]:
+                 base_fingerprint: str | None = None, model_dtype: str = "float32") -> dict[str, Any]:
     """What a checkpoint must share with this job to be resumed by it.
 
     `tasks`: per task, in TASKS order: name, declaration (hash of its declaration without data
     paths and metrics), examples, batch_size, data (`data_fingerprint`). `base_fingerprint`: with
     LoRA, the hash of MODEL_NAME's weights files: a LoRA checkpoint holds no base weights, so
-    resuming on other ones would train adapters made for another model.
+    resuming on other ones would train adapters made for another model. `model_dtype`: the dtype
+    the weights train in (MODEL_DTYPE as resolved: `auto` is the checkpoint's own), which shapes
+    every update as PRECISION does.
     """
     names = IDENTITY_SETTINGS + (LORA_IDENTITY_SETTINGS if cfg.lora != "false" else ())
     settings = {name.upper(): format_value(getattr(cfg, name)) for name in names}
     settings["PRECISION"] = precision
+    settings["MODEL_DTYPE"] = model_dtype
     identity = {"settings": settings, "world_size": world_size, "drop_last": drop_last, "tasks": tasks}
     if base_fingerprint is not None:
         identity["base_fingerprint"] = base_fingerprint
@@ -347,8 +350,8 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     for key in sorted(set(old) | set(new)):
         if key not in old and new.get(key) in ("", _default(key)):
             continue  # a setting newer than the checkpoint, left empty or at its default: the run's behaviour before it
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key}={old.get(key, '')} (now {new.get(key, '')})")
+        if old.get(key) != new.get(key):  # a setting newer than the checkpoint: the run had its default
+            diffs.append(f"{key}={old.get(key, _default(key))} (now {new.get(key, '')})")
     if saved.get("base_fingerprint") != current.get("base_fingerprint"):
         diffs.append(f"the base model's weights (fingerprint {saved.get('base_fingerprint') or 'none: not LoRA'}, "
                      f"now {current.get('base_fingerprint') or 'none: not LoRA'})")

@@ -17,6 +17,7 @@ its adapter merged into a copy of the base weights, or as a PEFT adapter.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -117,14 +118,7 @@ class MultitaskModel(nn.Module):
         """{key: the first key of the same tensor} of every weight that is another's tensor: a
         language-model head tied to the shared input embeddings, or the backbone's own ties (T5's
         `shared`, `encoder.embed_tokens` and `decoder.embed_tokens` are one matrix)."""
-        first: dict[int, str] = {}
-        tied = {}
-        for key, tensor in super().state_dict(keep_vars=True).items():
-            if id(tensor) in first:
-                tied[key] = first[id(tensor)]
-            else:
-                first[id(tensor)] = key
-        return tied
+        return tied_keys(super().state_dict(keep_vars=True))
 
     def state_dict(self, *args, **kwargs):
         """The weights, each tensor once (see `_tied_keys`): under the first of its keys only. With
@@ -144,11 +138,15 @@ class MultitaskModel(nn.Module):
         With LoRA, the saved weights are the trainable ones: strict means exactly those, and the
         frozen base weights (not in a checkpoint) count as neither missing nor unexpected."""
         state = dict(state_dict)
-        for key, source in self._tied_keys().items():
+        tied = self._tied_keys()
+        for key, source in tied.items():
             if key not in state and source in state:
                 state[key] = state[source]
         if self._trainable_keys is None:
-            return super().load_state_dict(state, strict=strict, assign=assign)
+            result = super().load_state_dict(state, strict=strict, assign=assign)
+            if assign:
+                retie(self, tied)
+            return result
         from torch.nn.modules.module import _IncompatibleKeys
 
         missing = sorted(self._trainable_keys - set(state_dict))
@@ -264,13 +262,21 @@ class MultitaskModel(nn.Module):
         saved_config = AutoConfig.from_pretrained(directory)
         setup = lora_lib.LoraSetup.from_dict(described["lora"]) if described.get("lora") else None
         if setup is None:
-            encoder = AutoModel.from_config(saved_config)
-        else:
-            lora_lib.check_base(setup, str(directory))
-            encoder = lora_lib.rebuild_base(setup, saved_config, lambda name: load_encoder(name, "pretrained"))
-        model = cls(encoder, specs)
-        if setup is not None:
-            model.enable_lora(setup)
+            # Built on the meta device, its tensors then become the file's (`assign`), as
+            # transformers' from_pretrained loads: the model is in memory once, not a random
+            # backbone beside the loaded weights.
+            with torch.device("meta"):
+                model = cls(AutoModel.from_config(saved_config), specs)
+            # Each tensor copied once out of the file's memory map: a view into it is not aligned
+            # as torch's own allocations are, and would compute through other kernels (outputs
+            # differing from the saved model's in the last bit).
+            state = {key: tensor.clone() for key, tensor in load_file(str(directory / WEIGHTS_FILE)).items()}
+            model.load_state_dict(state, strict=True, assign=True)
+            materialise_buffers(model, [model.encoder, *model.heads.values()], f"the checkpoint {directory}")
+            return model
+        lora_lib.check_base(setup, str(directory))
+        model = cls(lora_lib.rebuild_base(setup, saved_config, lambda name: load_encoder(name, "pretrained")), specs)
+        model.enable_lora(setup)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return model
 
@@ -293,13 +299,20 @@ class MultitaskModel(nn.Module):
         adapter = self.lora is not None and (lora_export or self.lora.setup.export) == "adapter"
         if self.lora is not None:  # plain copies: the adapter merged in, or the base alone beside a PEFT adapter
             encoder, head = self.lora.unmerged(task, head) if adapter else self.lora.merged(task, head)
-        standalone = spec.task_type.head_class().from_config(copy.deepcopy(head.config))
+        # The standalone model's parameters are the live (or copied) tensors themselves (`assign`),
+        # not a second backbone allocated, initialised and overwritten.
+        with torch.device("meta"):
+            standalone = spec.task_type.head_class().from_config(copy.deepcopy(head.config))
         prefix = _backbone_prefix(standalone, type(encoder))
         weights = {f"{prefix}{k}": v for k, v in encoder.state_dict().items()}
         weights.update(head.state_dict())
-        missing, unexpected = standalone.load_state_dict(weights, strict=False)
+        tied = tied_keys(standalone.state_dict(keep_vars=True))
+        missing, unexpected = standalone.load_state_dict(weights, strict=False, assign=True)
+        retie(standalone, tied)
+        missing = [key for key in missing if key not in tied]
         if missing:
             raise RuntimeError(f"export of {task!r}: weights missing for {', '.join(missing[:5])}")
+        materialise_buffers(standalone, [standalone], f"the export of {task!r}", device=next(iter(weights.values())).device)
         # `unexpected` are encoder parts this head type does not use (e.g. BERT's pooler for tokens).
         if unexpected:
             logger.debug("export of %s: not used by %s: %s", task, type(standalone).__name__, unexpected)
@@ -328,6 +341,74 @@ class MultitaskModel(nn.Module):
                 else:
                     tokenizer.init_kwargs["padding_side"] = saved
         return directory
+
+
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{key: the first key of the same tensor} for the keys of a `state_dict(keep_vars=True)`
+    whose tensor another key holds (weights tied to each other)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for key, tensor in state.items():
+        if id(tensor) in first:
+            tied[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return tied
+
+
+def retie(module: nn.Module, tied: dict[str, str]) -> None:
+    """Make each tied key (`tied_keys`, taken before loading) hold its source's tensor again:
+    `load_state_dict(assign=True)` puts a new Parameter under every key, which would untie
+    weights that share a matrix (the optimizer would then step the matrix once per key)."""
+    def slot(key: str) -> tuple[dict, str]:
+        path, _, name = key.rpartition(".")
+        owner = module.get_submodule(path)
+        return (owner._parameters if name in owner._parameters else owner._buffers), name
+
+    for key, source in tied.items():
+        tensors, name = slot(key)
+        source_tensors, source_name = slot(source)
+        tensors[name] = source_tensors[source_name]
+
+
+def materialise_buffers(module: nn.Module, roots: list[nn.Module], what: str, device: torch.device | str = "cpu") -> None:
+    """Give a module built on the meta device and then loaded with `assign=True` the buffers no
+    file holds (non-persistent: position ids, rotary frequencies), allocated on `device` and
+    computed by transformers' own `initialize_weights` of each of `roots`, with every loaded
+    tensor marked initialised so that none of them is touched (as `from_pretrained` does).
+
+    Raises:
+        RuntimeError: a weight got no tensor from the file (still on the meta device).
+    """
+    made = set()
+    for owner in module.modules():
+        for name in owner._non_persistent_buffers_set:
+            buffer = owner._buffers.get(name)
+            if buffer is not None and buffer.is_meta:
+                owner._buffers[name] = torch.empty_like(buffer, device=device)
+                made.add(id(owner._buffers[name]))
+    empty = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if empty:
+        raise RuntimeError(f"{what} gives no weights for {', '.join(empty[:5])}")
+    if made:
+        loaded = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in made]
+        with initialised(loaded):
+            for root in roots:
+                root.initialize_weights()
+
+
+@contextlib.contextmanager
+def initialised(tensors: list[torch.Tensor]):
+    """Mark `tensors` initialised for transformers' `initialize_weights` (its flag on loaded and
+    tied weights) while the block runs, so that it initialises only the others."""
+    marked = [t for t in tensors if not getattr(t, "_is_hf_initialized", False)]
+    for tensor in marked:
+        tensor._is_hf_initialized = True
+    try:
+        yield
+    finally:
+        for tensor in marked:
+            del tensor._is_hf_initialized
 
 
 def bind_backbone(head: nn.Module, backbone: nn.Module, spec: TaskSpec) -> None:
@@ -387,14 +468,8 @@ def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device)
                     made[id(tensor)] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
                                         if isinstance(tensor, nn.Parameter) else empty)
                 tensors[name] = made[id(tensor)]
-    marked = [t for t in (*backbone.parameters(), *backbone.buffers()) if not getattr(t, "_is_hf_initialized", False)]
-    for tensor in marked:
-        tensor._is_hf_initialized = True
-    try:
+    with initialised([*backbone.parameters(), *backbone.buffers()]):
         head.initialize_weights()
-    finally:
-        for tensor in marked:
-            del tensor._is_hf_initialized
 
 
 def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
