@@ -235,6 +235,37 @@ def test_adapter_exports_load_with_peft_on_the_base_and_give_the_multitask_outpu
 
 
 # ------------------------------------------------------------------------ resume
+def test_sigterm_commits_the_adapters_within_the_grace_period_and_the_restart_ends_as_the_uninterrupted_run(
+        encoder_run, bases, tiny_tasks, tmp_path):
+    # A Spot VM's 30 seconds: the stop step's checkpoint (adapters, heads and their optimizer
+    # state only) is committed and the job exits 0 within PREEMPTION_GRACE_SECONDS.
+    import re
+    import time
+
+    from trainer.checkpoints import commits as cs
+
+    grace = 20
+    args = tiny_flags(bases["bert"], tiny_tasks, tmp_path / "out", model_init="pretrained", tasks=ENCODER_TASKS, run_name=RUN,
+                      lora="shared", lora_r=4, learning_rate=2e-2, max_steps=96, eval_steps=48, save_steps=48,
+                      preemption_grace_seconds=grace)
+    stopped = train(*args, env={"TRAINER_SIGTERM_AT": "70"})
+    ended = time.time()
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    sent = [float(t) for t in re.findall(r"sending SIGTERM at step 70 \(t=([\d.]+)\)", log)]
+    assert sent and ended - sent[0] < grace, log[-3000:]
+    assert "Preempted at step 70: checkpoint committed" in log
+    committed = cs.verify_local(tmp_path / "out" / RUN / "checkpoint-70")
+    assert committed.step == 70
+    saved = load_file(str(tmp_path / "out" / RUN / "checkpoint-70" / "model.safetensors"))
+    assert saved and all("lora_" in key or key.startswith("heads.") for key in saved), sorted(saved)[:5]
+
+    restarted = train(*args)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "(step 70)" in restarted.stdout + restarted.stderr
+    assert_same_weights(weights(tmp_path / "out" / RUN), weights(encoder_run))
+
+
 def test_kill_9_then_restart_gives_the_uninterrupted_weights_and_other_base_weights_are_refused(
         decoder_run, bases, decoder_tasks, tmp_path):
     base = tmp_path / "base"
