@@ -224,6 +224,13 @@ def test_lora_compares_what_lora_and_full_fine_tuning_train_write_and_commit(tin
                   "trainable parameters: LoRA / full fine-tuning"):
         assert math.isfinite(figures[label]["value"]) and figures[label]["value"] > 0, label
     assert "| checkpoint bytes: LoRA / full fine-tuning |" in (setup.out_dir / "SUMMARY.md").read_text()
+    # The same tasks on an 8B backbone's shape, counted on the meta device: what LoRA writes stays small.
+    scale = res["measurements"]["at_scale"]
+    assert 7.5e9 < scale["parameters"] < 8.2e9 and 0 < scale["trainable_parameters"] < scale["parameters"] / 100
+    assert scale["lora_checkpoint_bytes"] < scale["full_checkpoint_bytes"] / 100
+    assert 11.5 < scale["bytes_per_parameter_measured_full"] < 14  # about the 12 the estimate takes (a tiny model: pickling overhead)
+    lora_rate = figures["upload rate a LoRA checkpoint at Llama-3-8B's shape needs to commit in PREEMPTION_GRACE_SECONDS=25"]
+    assert lora_rate["value"] == pytest.approx(scale["lora_checkpoint_bytes"] / 25 / 1e6)
 
 
 def test_the_command_writes_results_and_prints_the_summary(tiny_encoder, pair_tasks, tmp_path, capsys):

@@ -330,7 +330,8 @@ def _identity(cfg: Config, precision: str, trainer, lora: LoraSetup | None = Non
     return run_identity(cfg, precision=precision, world_size=trainer.args.world_size,
                         drop_last=trainer.args.dataloader_drop_last, tasks=tasks,
                         base_fingerprint=lora.base_fingerprint if lora is not None else None,
-                        model_dtype=str(trainer.model.encoder.dtype).removeprefix("torch."))
+                        model_dtype=str(trainer.model.encoder.dtype).removeprefix("torch."),
+                        frozen_head_weights=trainer.model.frozen_head_weights())
 
 
 def _learned_column(train) -> str:

@@ -103,3 +103,10 @@ def test_the_lora_settings_and_the_base_weights_are_part_of_a_lora_runs_identity
         "the base model's weights (fingerprint 0123456789abcdef, now fedcba9876543210)"]
     assert identity_differences(lora, identity("0123456789abcdef", lora="shared", lora_r=4)) == ["LORA_R=8 (now 4)"]
     assert "LORA=shared (now false)" in identity_differences(lora, plain)
+    # A LoRA run from before the head weights taken from MODEL_NAME stayed frozen trained them: another run now.
+    cfg = load_config({"model_init": "pretrained", "lora": "shared"}, environ={}, env_file="")
+    frozen = run_identity(cfg, precision="fp32", world_size=1, drop_last=False, tasks=[], base_fingerprint="0123456789abcdef",
+                          frozen_head_weights=["heads.lm.lm_head.weight"])
+    assert identity_differences(lora, frozen) == [
+        "the head weights frozen under LoRA (none: they trained, now heads.lm.lm_head.weight)"]
+    assert identity_differences(frozen, frozen) == []

@@ -105,6 +105,78 @@ def test_a_tied_language_model_head_stays_the_frozen_embedding_matrix_and_added_
     torch.testing.assert_close(logits[0, :, -1], hidden[0] @ delta[0], atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    """A Llama base with its own (untied) lm_head in its weights, as Llama's and Mistral's checkpoints hold."""
+    from transformers import AutoModelForCausalLM
+
+    directory = make_tiny_decoder(tmp_path_factory.mktemp("lora-llama"), "llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory)).save_pretrained(directory)
+    return directory
+
+
+def decoder_tasks_without_added_tokens(decoder_tasks: Path, directory: Path) -> Path:
+    """The decoder tasks with the rewrite prompted by a space-separated '=' (words of the vocabulary), no <sep> token."""
+    declared = json.loads(decoder_tasks.read_text())
+    for task in declared["tasks"]:
+        task.pop("special_tokens", None)
+        if "separator" in task:
+            task["separator"] = " ="
+    path = directory / "tasks.json"
+    path.write_text(json.dumps(declared))
+    return path
+
+
+def test_a_pretrained_untied_lm_head_stays_frozen_out_of_the_checkpoint_and_comes_back_from_the_base(
+        llama, decoder_tasks, tmp_path):
+    # Llama-3-8B's lm_head is 525 M parameters: trained in full under LoRA it would take 6.3 GB of
+    # the GPU (AdamW) and of every checkpoint. It is MODEL_NAME's own: frozen, as PEFT leaves it.
+    from safetensors.torch import load_file
+
+    tasks = decoder_tasks_without_added_tokens(decoder_tasks, tmp_path)
+    model, tokenizer, batches = build(settings(llama, tasks, "rewrite,color", lora="shared"))
+    assert len(tokenizer) == AutoConfig.from_pretrained(llama).vocab_size  # no token added
+    lm_head = model.heads["rewrite"].lm_head.weight
+    assert torch.equal(lm_head, load_file(str(llama / "model.safetensors"))["lm_head.weight"])  # the base's own
+    assert not lm_head.requires_grad and model.frozen_head_weights() == ["heads.rewrite.lm_head.weight"]
+    saved = model.state_dict()
+    assert not [k for k in saved if "lm_head" in k]
+    assert "heads.color.score.weight" in saved and model.heads["color"].score.weight.requires_grad  # a new head trains
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save(tmp_path / "saved")
+    reloaded = MultitaskModel.from_checkpoint(tmp_path / "saved").eval()
+    assert not reloaded.heads["rewrite"].lm_head.weight.requires_grad
+    with torch.no_grad():
+        for task in ("rewrite", "color"):
+            assert torch.equal(reloaded(task=task, **batches[task]).logits, model(task=task, **batches[task]).logits), task
+
+    # The adapter export: the lm_head is the base model's own there, not one of modules_to_save.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exported = model.export("rewrite", tmp_path / "adapter", tokenizer, lora_export="adapter")
+    assert not json.loads((exported / "adapter_config.json").read_text()).get("modules_to_save")
+    assert not [k for k in load_file(str(exported / "adapter_model.safetensors")) if "lm_head" in k]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), exported).eval()
+    batch = {k: v for k, v in batches["rewrite"].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, model(task="rewrite", **batch).logits, atol=1e-5, rtol=0)
+
+
+def test_an_untied_lm_head_beside_added_tokens_trains_in_full(llama, decoder_tasks):
+    # The <sep> token's row has no pretrained value: the output layer trains, and is in the checkpoint.
+    model, tokenizer, _ = build(settings(llama, decoder_tasks, "rewrite,color", lora="shared"))
+    assert len(tokenizer) > AutoConfig.from_pretrained(llama).vocab_size
+    assert model.heads["rewrite"].lm_head.weight.requires_grad and model.frozen_head_weights() == []
+    assert "heads.rewrite.lm_head.weight" in model.state_dict()
+
+
 def test_per_task_adapters_change_only_on_their_own_tasks_batches_and_all_stay_in_the_optimizer(bert, encoder_tasks):
     model, _, batches = build(settings(bert, encoder_tasks, "demo_entailment,demo_similarity", lora="per_task"))
     # As the Trainer does: one optimizer over the parameters that require a gradient when it is built,

@@ -315,7 +315,8 @@ def data_fingerprint(lengths, labels) -> str:
 
 
 def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: bool, tasks: list[dict[str, Any]],
-                 base_fingerprint: str | None = None, model_dtype: str = "float32") -> dict[str, Any]:
+                 base_fingerprint: str | None = None, model_dtype: str = "float32",
+                 frozen_head_weights: list[str] | None = None) -> dict[str, Any]:
     """What a checkpoint must share with this job to be resumed by it.
 
     `tasks`: per task, in TASKS order: name, declaration (hash of its declaration without data
@@ -323,7 +324,8 @@ def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: boo
     LoRA, the hash of MODEL_NAME's weights files: a LoRA checkpoint holds no base weights, so
     resuming on other ones would train adapters made for another model. `model_dtype`: the dtype
     the weights train in (MODEL_DTYPE as resolved: `auto` is the checkpoint's own), which shapes
-    every update as PRECISION does.
+    every update as PRECISION does. `frozen_head_weights`: with LoRA, the head weights taken from
+    MODEL_NAME that stay frozen (`MultitaskModel.frozen_head_weights`; none before they were).
     """
     names = IDENTITY_SETTINGS + (LORA_IDENTITY_SETTINGS if cfg.lora != "false" else ())
     settings = {name.upper(): format_value(getattr(cfg, name)) for name in names}
@@ -332,6 +334,8 @@ def run_identity(cfg: Config, *, precision: str, world_size: int, drop_last: boo
     identity = {"settings": settings, "world_size": world_size, "drop_last": drop_last, "tasks": tasks}
     if base_fingerprint is not None:
         identity["base_fingerprint"] = base_fingerprint
+    if frozen_head_weights:
+        identity["frozen_head_weights"] = sorted(frozen_head_weights)
     return identity
 
 
@@ -355,6 +359,10 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     if saved.get("base_fingerprint") != current.get("base_fingerprint"):
         diffs.append(f"the base model's weights (fingerprint {saved.get('base_fingerprint') or 'none: not LoRA'}, "
                      f"now {current.get('base_fingerprint') or 'none: not LoRA'})")
+    old_frozen, new_frozen = saved.get("frozen_head_weights", []), current.get("frozen_head_weights", [])
+    if old_frozen != new_frozen:
+        diffs.append(f"the head weights frozen under LoRA ({', '.join(old_frozen) or 'none: they trained'}, "
+                     f"now {', '.join(new_frozen) or 'none'})")
     if saved.get("world_size") != current["world_size"]:
         diffs.append(f"{saved.get('world_size')} training processes (now {current['world_size']})")
     if saved.get("drop_last") != current["drop_last"]:

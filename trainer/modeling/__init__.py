@@ -19,6 +19,7 @@ from .multitask import (
     load_encoder,
     materialise_head,
     max_input_length,
+    meta_model,
     prepare_tokenizer,
 )
 
@@ -26,4 +27,4 @@ __all__ = ["MULTITASK_FILE", "WEIGHTS_FILE", "LoraSetup", "MultitaskModel", "bas
            "check_lora", "check_lora_tokens", "check_max_length",
            "fit_backbone", "prepare_tokenizer", "encoder_config", "head_config",
            "load_encoder", "max_input_length",
-           "check_activation_checkpointing", "check_memory_settings", "materialise_head"]
+           "check_activation_checkpointing", "check_memory_settings", "materialise_head", "meta_model"]

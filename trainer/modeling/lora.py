@@ -5,9 +5,11 @@ the same backbone, the batch's task's adapter active in each forward (`LoraAdapt
 The adapters are PEFT's LoRA layers, injected in place into the backbone's modules
 (`get_peft_model` on the backbone, more adapters with `add_adapter`): the heads call the backbone
 they are bound to (`bind_backbone`) and so run through the adapters without knowing of them.
-Task heads are not LoRA'd: they train in full. An output layer tied to the input embeddings
-(GPT-2's language-model head, BERT's masked-LM decoder) *is* the frozen embedding matrix: it stays
-frozen and tied, as PEFT leaves it.
+Task heads are not LoRA'd: they train in full, but for the weights they took from MODEL_NAME (an
+untied `lm_head`, BERT's masked-LM transform), which stay frozen as the backbone does
+(`MultitaskModel.frozen_head_weights`). An output layer tied to the input embeddings (GPT-2's
+language-model head, BERT's masked-LM decoder) *is* the frozen embedding matrix: it stays frozen
+and tied, as PEFT leaves it.
 
 Tokens added to the vocabulary (SPECIAL_TOKENS, a task's special tokens, a new pad token) have no
 pretrained embedding, and the rows `resize_token_embeddings` gave them are random: they are
@@ -187,12 +189,15 @@ class LoraAdapters:
         """Copies of the base backbone (no adapter) and of the head bound to it."""
         return self._copies(task, head, merge=False)
 
-    def save_adapter(self, task: str, standalone: nn.Module, backbone_prefix: str, directory: Path) -> None:
+    def save_adapter(self, task: str, standalone: nn.Module, backbone_prefix: str, directory: Path, *,
+                     frozen: set[str] = frozenset()) -> None:
         """Save `task`'s adapter for PEFT users: `standalone` is the task's plain model with the base
         weights and the trained head; PEFT wraps it with the same LoRA settings, the head's own
         modules as `modules_to_save`, takes the task's adapter weights, and saves
         `adapter_config.json` and `adapter_model.safetensors`, which
-        `PeftModel.from_pretrained(<the task's AutoModelFor… of MODEL_NAME>, directory)` loads.
+        `PeftModel.from_pretrained(<the task's AutoModelFor… of MODEL_NAME>, directory)` loads. A head
+        module whose weights are all `frozen` (loaded from MODEL_NAME and never trained: Llama's
+        `lm_head`) is the base model's own there, not saved.
 
         Raises:
             TaskError: the head's own weights share a module with a weight tied to the backbone
@@ -205,6 +210,7 @@ class LoraAdapters:
         modules, mixed = head_modules(standalone, backbone_parts(backbone_prefix, self.peft.base_model.model))
         if mixed:
             raise TaskError(mixed_head_message(task, mixed))
+        modules = [m for m in modules if not all(f"{m}.{n}" in frozen for n, _ in standalone.get_submodule(m).named_parameters())]
         config = self.setup.peft_config(self.added_tokens, modules)
         config.base_model_name_or_path = self.setup.base_model
         with quiet_peft():

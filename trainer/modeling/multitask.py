@@ -51,6 +51,8 @@ class MultitaskModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.specs = {s.name: s for s in specs}
+        # {task: names in its head of the weights loaded from `pretrained`} (`load_pretrained_head`)
+        self.pretrained_head_weights: dict[str, list[str]] = {}
         self.heads = nn.ModuleDict({s.name: self._make_head(s, pretrained) for s in specs})
         self._ran_parameters: dict[str, int] = {}  # per task, for `floating_point_ops` (every step)
         self.lora: lora_lib.LoraAdapters | None = None  # `enable_lora`
@@ -89,7 +91,7 @@ class MultitaskModel(nn.Module):
         bind_backbone(head, self.encoder, spec)
         materialise_head(head, self.encoder, weight.device)
         if pretrained is not None:
-            load_pretrained_head(head, self.encoder, pretrained, spec)
+            self.pretrained_head_weights[spec.name] = load_pretrained_head(head, self.encoder, pretrained, spec)
         return head.to(dtype=weight.dtype)
 
     def enable_lora(self, setup: lora_lib.LoraSetup) -> None:
@@ -104,9 +106,27 @@ class MultitaskModel(nn.Module):
         if self.lora is not None:
             raise RuntimeError("LoRA is already enabled on this model")
         self.lora = lora_lib.LoraAdapters(self.encoder, dict(self.heads.items()), setup)
+        for name in self.frozen_head_weights():
+            self.get_parameter(name).requires_grad_(False)
         tied = self._tied_keys()
         self._trainable_keys = frozenset(key for key, p in self.named_parameters(remove_duplicate=False)
                                          if p.requires_grad and key not in tied)
+
+    def frozen_head_weights(self) -> list[str]:
+        """With LoRA, the head weights that stay frozen (their `named_parameters` names): those loaded
+        from MODEL_NAME (`pretrained_head_weights`: an untied `lm_head`, BERT's masked-LM transform),
+        frozen as the backbone is and as PEFT leaves them, so that neither the optimizer nor the
+        checkpoint holds them (525 M parameters at Llama-3-8B's shape). An untied output layer
+        trains in full when tokens were added to the vocabulary: its new rows have no pretrained values."""
+        if self.lora is None:
+            return []
+        frozen = []
+        for task, names in self.pretrained_head_weights.items():
+            head = self.heads[task]
+            output = head.get_output_embeddings() if hasattr(head, "get_output_embeddings") else None
+            grown = {id(p) for p in output.parameters()} if output is not None and self.lora.added_tokens else set()
+            frozen += [f"heads.{task}.{name}" for name in names if id(head.get_parameter(name)) not in grown]
+        return frozen
 
     def activate(self, task: str) -> None:
         """Make `task`'s LoRA adapter the active one before its head runs outside `forward`
@@ -275,7 +295,9 @@ class MultitaskModel(nn.Module):
             materialise_buffers(model, [model.encoder, *model.heads.values()], f"the checkpoint {directory}")
             return model
         lora_lib.check_base(setup, str(directory))
-        model = cls(lora_lib.rebuild_base(setup, saved_config, lambda name: load_encoder(name, "pretrained")), specs)
+        # The head weights training took from the base stayed frozen (`frozen_head_weights`): from there again.
+        model = cls(lora_lib.rebuild_base(setup, saved_config, lambda name: load_encoder(name, "pretrained")), specs,
+                    pretrained=setup.base_model)
         model.enable_lora(setup)
         model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
         return model
@@ -319,7 +341,8 @@ class MultitaskModel(nn.Module):
         standalone.config.architectures = [type(standalone).__name__]
         directory = Path(directory)
         if adapter:
-            self.lora.save_adapter(task, standalone, prefix, directory)
+            frozen = {name.removeprefix(f"heads.{task}.") for name in self.frozen_head_weights() if name.startswith(f"heads.{task}.")}
+            self.lora.save_adapter(task, standalone, prefix, directory, frozen=frozen)
             # The config users build the base with: the task's labels, and MODEL_NAME's vocabulary,
             # which they resize to the tokenizer's when tokens were added (the adapter holds their rows).
             standalone.config.vocab_size = self.lora.setup.base_vocab_size
@@ -472,7 +495,7 @@ def materialise_head(head: nn.Module, backbone: nn.Module, device: torch.device)
         head.initialize_weights()
 
 
-def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> None:
+def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, spec: TaskSpec) -> list[str]:
     """Start a language-model head from the pretrained model's own weights, for the types that
     keep them (`loads_pretrained_head`): `AutoModel` loads the backbone only, so Llama's or
     Mistral's untied `lm_head`, or BERT's and RoBERTa's masked-LM transform (`cls.predictions.*`,
@@ -480,18 +503,19 @@ def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, 
     backbone's, nor an output layer tied to it) are read from the checkpoint's safetensors (the
     shards holding them), not a second copy of the model; rows of tokens added since
     (SPECIAL_TOKENS) start at the mean of the others, as the resized input embeddings do. A
-    tensor the checkpoint lacks keeps its initialisation (logged).
+    tensor the checkpoint lacks keeps its initialisation (logged). Returns the names (in the
+    head) of the parameters it loaded.
 
     Raises:
         TaskError: a saved tensor's shape does not fit the head (MODEL_NAME and TOKENIZER_NAME
             that do not belong together).
     """
     if not spec.task_type.loads_pretrained_head:
-        return
+        return []
     shared = {id(p) for p in backbone.parameters()}
     own = {name: p for name, p in head.named_parameters(remove_duplicate=True) if id(p) not in shared}
     if not own:
-        return
+        return []
     saved = _pretrained_tensors(pretrained, list(own))
     absent = [name for name in own if name not in saved]
     if absent:
@@ -508,6 +532,7 @@ def load_pretrained_head(head: nn.Module, backbone: nn.Module, pretrained: str, 
             else:
                 raise TaskError(f"task {spec.name!r}: {pretrained}'s {name} has shape {tuple(tensor.shape)}, the head "
                                 f"{tuple(weight.shape)}; check MODEL_NAME and TOKENIZER_NAME belong together")
+    return list(saved)
 
 
 def _pretrained_tensors(model_name: str, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -569,7 +594,7 @@ def check_lora(cfg: Config, specs: list[TaskSpec], config) -> None:
     setup = lora_lib.LoraSetup.from_config(cfg, config)
     if setup is None:
         return
-    model = _meta_model(config, specs)
+    model = meta_model(config, specs)
     problem = lora_lib.target_problem(setup, model.encoder)
     if problem:
         raise ConfigError(problem)
@@ -606,7 +631,7 @@ def check_lora_tokens(cfg: Config, specs: list[TaskSpec], config, tokenizer) -> 
     added = len(tokenizer) - min(config.vocab_size, lora_lib.base_tokens(cfg.tokenizer_name or cfg.model_name))
     if added <= 0:
         return
-    model = _meta_model(config, specs)
+    model = meta_model(config, specs)
     tied = _tied_output_layers(model)
     for name, head in model.heads.items():
         output = head.get_output_embeddings() if name in tied else None
@@ -616,7 +641,7 @@ def check_lora_tokens(cfg: Config, specs: list[TaskSpec], config, tokenizer) -> 
                             "output layer (tied to the input embeddings); add no tokens, or set LORA=false")
 
 
-def _meta_model(config, specs: list[TaskSpec]) -> MultitaskModel:
+def meta_model(config, specs: list[TaskSpec]) -> MultitaskModel:
     """The multitask model of `config` and `specs` on the meta device: its modules, no weights."""
     import warnings
 
