@@ -565,6 +565,27 @@ def test_squad_json_records_give_one_row_per_question(tmp_path):
     assert ds["id"] == ["c1", "c2", "c3", "d1"] and ds["paragraphs.context"][3] == "The dog barked."
 
 
+def test_predict_reads_inputs_in_the_training_files_layout_where_the_defaults_find_no_input_column(tmp_path):
+    # A SQuAD JSON of questions (`records`) and a '|'-delimited file, read as the task's own files
+    # are; a file with neither layout's columns names what it has.
+    from trainer.commands import _read_inputs
+
+    path = tmp_path / "dev-v1.1.json"
+    path.write_text(json.dumps(SQUAD_V1))
+    spec = _squad_spec(str(path))
+    ds = _read_inputs(path, spec)
+    assert ds["question"][0] == SQUAD_V1["data"][0]["paragraphs"][0]["qas"][0]["question"] and len(ds) == 4
+
+    piped = tmp_path / "pairs.csv"
+    piped.write_text("premise|hypothesis\nthe cat sat|a cat sat\n")
+    pair = build_spec({"name": "nli", "type": "classification", "files": {"train": str(piped)}, "delimiter": "|",
+                       "columns": {"text": "premise", "text_pair": "hypothesis"}})
+    assert _read_inputs(piped, pair)["hypothesis"] == ["a cat sat"]
+    with pytest.raises(TaskError, match=r"no column 'premise' \(role 'text'\) for task 'nli'"):
+        (tmp_path / "other.csv").write_text("sentence\nthe cat sat\n")
+        _read_inputs(tmp_path / "other.csv", pair)
+
+
 @pytest.mark.parametrize(
     ("records", "problem"),
     [
@@ -640,17 +661,26 @@ tasks:
     assert {"eval_csqa_accuracy", "eval_cola_matthews_correlation", "eval_cola_accuracy"} <= set(metrics["eval"])
     assert set(metrics["chance"]) == {"csqa", "cola"}
 
+    def predict(task: str, inputs) -> list[dict]:
+        predictions = inputs.with_suffix(".predictions.jsonl")
+        handlers = list(logging.getLogger().handlers)
+        try:
+            code = main(["predict", f"--task={task}", f"--input={inputs}", f"--output={predictions}",
+                         f"--checkpoint={out / 'formats' / 'final'}"])
+        finally:
+            for handler in set(logging.getLogger().handlers) - set(handlers):
+                logging.getLogger().removeHandler(handler)
+        assert code == 0, capsys.readouterr().err
+        return [json.loads(line) for line in predictions.read_text().splitlines()]
+
     # predict reads inputs in the task's own format, without labels.
-    inputs, predictions = tmp_path / "questions.jsonl", tmp_path / "predictions.jsonl"
+    inputs = tmp_path / "questions.jsonl"
     _jsonl(tmp_path, inputs.name, [{k: v for k, v in question(i).items() if k != "answerKey"} for i in range(3)])
-    handlers = list(logging.getLogger().handlers)
-    try:
-        code = main(["predict", "--task=csqa", f"--input={inputs}", f"--output={predictions}",
-                     f"--checkpoint={out / 'formats' / 'final'}"])
-    finally:
-        for handler in set(logging.getLogger().handlers) - set(handlers):
-            logging.getLogger().removeHandler(handler)
-    assert code == 0, capsys.readouterr().err
-    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    rows = predict("csqa", inputs)
     assert len(rows) == 3 and all(r["label"] in "ABCDE" and r["label"] == "ABCDE"[r["index"]] for r in rows)
     assert all(len(r["probabilities"]) == 5 for r in rows)
+    # A headerless file in the training files' layout (CoLA's dev set), every row of it, and one
+    # written for predict with a header line naming the column (CoLA's test set): both are read.
+    assert len(predict("cola", tmp_path / "cola_dev.tsv")) == 16
+    (tmp_path / "cola_test.tsv").write_text("index\tsentence\n" + "".join(f"{i}\t{sentence()[3]}\n" for i in range(5)))
+    assert len(predict("cola", tmp_path / "cola_test.tsv")) == 5

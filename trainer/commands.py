@@ -21,6 +21,7 @@ from .cloud.aip import export_to_model_dir, platform_callbacks
 from .config import Config
 from .data import (
     TEXT_SUFFIXES,
+    ReaderOptions,
     TaskData,
     add_path_columns,
     input_columns,
@@ -697,8 +698,11 @@ def export(cfg: Config, checkpoint: str | None = None, output: str | None = None
 
 def _read_inputs(path: Path, spec: TaskSpec):
     """The inputs file as a dataset, checked as `train` checks a task's data files. It is read
-    with its suffix's defaults (a header line in a .csv or .tsv, UTF-8), not with the task's
-    reader options: inputs are written for `predict`, in whatever layout the training files had.
+    with its suffix's defaults (a header line in a .csv or .tsv, UTF-8, commas or tabs) and, where
+    that gives no task's input columns and the task declares other reader options (`header:
+    false` with `column_names`, a delimiter, an encoding…), as the task's own files are read: a
+    file in the training files' layout (CoLA's headerless TSV) and one written for `predict`
+    (a header line naming the columns) both work.
 
     Raises:
         TaskError: the file is missing, of another type, not UTF-8, malformed or empty (see
@@ -710,18 +714,40 @@ def _read_inputs(path: Path, spec: TaskSpec):
         raise TaskError(f"{where} " + ("is a folder; give a .jsonl, .json, .csv or .tsv file" if path.is_dir() else "does not exist"))
     if path.suffix.lower() not in TEXT_SUFFIXES:
         raise TaskError(f"{where}: use a .jsonl, .json, .csv or .tsv file")
-    ds = load_file(path, "test", where=where, empty="it has no rows; give it one input per row (after a header line in a .csv or .tsv)")
     needed = input_columns(spec)
     as_trained = (f"name the input columns as in the task's data ({', '.join(c for _, c in needed)}) or by their roles "
                   f"({', '.join(r for r, _ in needed)})")
-    # A column named by its role stands for the declared one: SQuAD's context is declared as
-    # `paragraphs.context` (`records`), and a file of questions to answer holds a plain `context`.
-    for role, col in needed:
-        if col not in ds.column_names and col.split(".")[0] not in ds.column_names and role in ds.column_names:
-            ds = ds.rename_column(role, col)
+    empty = "it has no rows; give it one input per row (after a header line in a .csv or .tsv)"
+
+    def read(reader: ReaderOptions):
+        ds = load_file(path, "test", where=where, empty=empty, reader=reader)
+        # A column named by its role stands for the declared one: SQuAD's context is declared as
+        # `paragraphs.context` (`records`), and a file of questions to answer holds a plain `context`.
+        for role, col in needed:
+            if col not in ds.column_names and col.split(".")[0] not in ds.column_names and role in ds.column_names:
+                ds = ds.rename_column(role, col)
+        return ds
+
+    def has_inputs(ds) -> bool:
+        return all(col in ds.column_names or col.split(".")[0] in ds.column_names for _, col in needed)
+
+    reader, as_task = ReaderOptions.for_file(path), ReaderOptions.for_file(path, spec)
+    try:
+        ds, problem = read(reader), None
+    except TaskError as e:
+        ds, problem = None, e
+    if (ds is None or not has_inputs(ds)) and as_task != reader:
+        try:
+            in_layout = read(as_task)
+        except TaskError:
+            in_layout = None
+        if in_layout is not None and has_inputs(in_layout):
+            ds, reader = in_layout, as_task
+    if ds is None:
+        raise problem
 
     def at(row: int) -> str:
-        line = source_line(path, row)
+        line = source_line(path, row, reader)
         return f"{where}, " + (f"line {line}" if line else f"row {row + 1}")
 
     # Inputs in the task's own format reach its dotted columns (CommonsenseQA's question.stem) too.
