@@ -675,9 +675,13 @@ tasks:
 
     # predict reads inputs in the task's own format, without labels.
     inputs = tmp_path / "questions.jsonl"
-    _jsonl(tmp_path, inputs.name, [{k: v for k, v in question(i).items() if k != "answerKey"} for i in range(3)])
+    asked = [{k: v for k, v in question(i).items() if k != "answerKey"} for i in range(3)]
+    for choice, label in zip(asked[2]["question"]["choices"], "12345"):  # a row labelled as some of ARC's are
+        choice["label"] = label
+    _jsonl(tmp_path, inputs.name, asked)
     rows = predict("csqa", inputs)
-    assert len(rows) == 3 and all(r["label"] in "ABCDE" and r["label"] == "ABCDE"[r["index"]] for r in rows)
+    assert len(rows) == 3 and all(r["label"] == "ABCDE"[r["index"]] for r in rows[:2])
+    assert rows[2]["label"] == "12345"[rows[2]["index"]]  # the row's own label of its chosen choice
     assert all(len(r["probabilities"]) == 5 for r in rows)
     # A headerless file in the training files' layout (CoLA's dev set), every row of it, and one
     # written for predict with a header line naming the column (CoLA's test set): both are read.

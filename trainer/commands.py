@@ -795,6 +795,7 @@ def predict(cfg: Config, task: str, input: str, output: str | None = None, check
     tokenized = tokenize(spec, ds, tokenizer, spec.max_length or cfg.max_seq_length, with_labels=not generates)
     data = TaskData(spec, None, tokenized, make_collator(spec, tokenizer, stage="predict"))
     rows = _trainer_for(cfg, model, [data], tokenizer, path).predict_rows(data, tokenized)
+    rows = spec.task_type.name_predictions(spec, rows, ds)
     _write_jsonl(out_path, rows)
     logger.info("Wrote %d predictions to %s", len(rows), out_path)
     return out_path

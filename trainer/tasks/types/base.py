@@ -231,6 +231,12 @@ class TaskType:
         """One JSON object per input, as `predict` writes them."""
         raise NotImplementedError
 
+    def name_predictions(self, spec: TaskSpec, rows: list[dict[str, Any]], inputs) -> list[dict[str, Any]]:
+        """`predict`'s rows given the inputs they answer (the dataset read, one row each): as they
+        are by default; a type whose inputs name their own labels (multiple choice's labelled
+        choices) names each prediction by its input's."""
+        return rows
+
 
 class LabelSetType(TaskType):
     """A type whose labels are classes: names declared, or read from the train split."""

@@ -197,6 +197,14 @@ class MultipleChoice(LabelSetType):
             return ds.add_column(spec.columns["label"], [labels[0] for labels in labelled])
         return super().placeholder_labels(spec, ds)
 
+    def name_predictions(self, spec: TaskSpec, rows: list[dict[str, Any]], inputs) -> list[dict[str, Any]]:
+        """A row whose choices carry labels names its chosen one by that row's own label (ARC's
+        rows are labelled A-D or 1-4), not by the task's label names (the first train row's)."""
+        for row, (_, labels) in zip(rows, _rows(spec, inputs)):
+            if labels is not None:
+                row["label"] = labels[row["index"]]
+        return rows
+
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         from transformers import DataCollatorForMultipleChoice
 
