@@ -564,6 +564,16 @@ def test_squad_json_records_give_one_row_per_question(tmp_path):
     ds = load_split(_squad_spec(str(lines), "paragraphs.qas"), "train")
     assert ds["id"] == ["c1", "c2", "c3", "d1"] and ds["paragraphs.context"][3] == "The dog barked."
 
+    # Messages name a row by its place in the document (no line is a row's own there).
+    from trainer.data import ReaderOptions, record_place
+
+    path.write_text(json.dumps(SQUAD_V1, indent=2))
+    reader = ReaderOptions.for_file(path, _squad_spec(str(path)))
+    assert [record_place(path, i, reader) for i in (0, 2, 3, 4)] == [
+        "data[0].paragraphs[0].qas[0]", "data[0].paragraphs[1].qas[0]", "data[1].paragraphs[0].qas[0]", None]
+    reader = ReaderOptions.for_file(lines, _squad_spec(str(lines), "paragraphs.qas"))
+    assert record_place(lines, 3, reader) == "line 2, paragraphs[0].qas[0]"
+
 
 def test_predict_reads_inputs_in_the_training_files_layout_where_the_defaults_find_no_input_column(tmp_path):
     # A SQuAD JSON of questions (`records`) and a '|'-delimited file, read as the task's own files

@@ -232,6 +232,13 @@ def questions(document: dict) -> list[dict]:
     return [qa for article in document["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
 
 
+def place(document: dict, row: int) -> str:
+    """Where a row of `questions` is in the document, as messages name it."""
+    places = [f"data[{a}].paragraphs[{p}].qas[{q}]" for a, article in enumerate(document["data"])
+              for p, paragraph in enumerate(article["paragraphs"]) for q, _ in enumerate(paragraph["qas"])]
+    return places[row]
+
+
 def drop_offset(document: dict) -> int:
     row = next(i for i, qa in enumerate(questions(document)) if qa["answers"])
     questions(document)[row]["answers"][0].pop("answer_start")
@@ -251,9 +258,10 @@ def empty_text(rows: list[dict]) -> int:
 
 @pytest.mark.parametrize(("task", "split", "change", "expected"), [
     ("qa", "train", drop_offset,
-     "task 'qa', split train, row {row} of {path}: answer 1 in column 'answers' (role 'answers') has no answer_start offset"),
+     "task 'qa', split train, row {row} ({place}) of {path}: answer 1 in column 'answers' (role 'answers') has no "
+     "answer_start offset"),
     ("squad1", "validation", misplace,
-     "task 'squad1', split validation, row {row} of {path}: answer 1 in column 'answers' (role 'answers'), "),
+     "task 'squad1', split validation, row {row} ({place}) of {path}: answer 1 in column 'answers' (role 'answers'), "),
     ("domain", "train", empty_text,
      "task 'domain', split train, line 3 of {path}: empty text in column 'text' (role 'text')"),
 ])
@@ -262,9 +270,11 @@ def test_bad_data_stops_before_training_with_one_line(tiny_model, qa_tasks, tmp_
     declared = next(t for t in tasks if t["name"] == task)
     source = Path(declared["files"][split])
     bad = tmp_path / source.name
+    where = ""
     if source.suffix == ".json":
         document = json.loads(source.read_text())
         row = change(document)
+        where = place(document, row)
         bad.write_text(json.dumps(document))
     else:
         rows = [json.loads(line) for line in source.read_text().splitlines()]
@@ -274,6 +284,6 @@ def test_bad_data_stops_before_training_with_one_line(tiny_model, qa_tasks, tmp_
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": tasks}))
     done = train(*qa_flags(tiny_model, tmp_path / "tasks.json", tmp_path / "out"))
     assert done.returncode == 2, done.stderr[-3000:]
-    message = expected.format(row=row + 1, path=bad)
+    message = expected.format(row=row + 1, path=bad, place=where)
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "out" / RUN / "checkpoint-1").exists()

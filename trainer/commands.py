@@ -29,6 +29,7 @@ from .data import (
     load_task,
     make_collator,
     missing_input,
+    record_place,
     source_line,
     tokenize,
 )
@@ -748,7 +749,8 @@ def _read_inputs(path: Path, spec: TaskSpec):
 
     def at(row: int) -> str:
         line = source_line(path, row, reader)
-        return f"{where}, " + (f"line {line}" if line else f"row {row + 1}")
+        place = None if line else record_place(path, row, reader)
+        return f"{where}, " + (f"line {line}" if line else f"row {row + 1}" + (f" ({place})" if place else ""))
 
     # Inputs in the task's own format reach its dotted columns (CommonsenseQA's question.stem) too.
     ds = add_path_columns(ds, needed, where=where, row_at=at, fix=as_trained)

@@ -277,18 +277,24 @@ def _json_kind(value: Any) -> str:
 
 
 def record_rows(document: Any, records: str) -> list[dict[str, Any]]:
+    """The rows of `records` in one parsed JSON document (see `record_places`)."""
+    return [row for _, row in record_places(document, records)]
+
+
+def record_places(document: Any, records: str) -> list[tuple[str, dict[str, Any]]]:
     """The rows that `records` (a dotted path of nested lists, from a key of the top-level
     object) reaches in one parsed JSON document: one per element of the innermost list, holding
     that element's fields under their own names and the fields of every object around it under
     `<list>.<field>`, the list being the one that holds that object (`paragraphs.context`,
-    `data.title`). The top-level object's own fields are not kept.
+    `data.title`). The top-level object's own fields are not kept. Each row comes with its place
+    in the document (`data[3].paragraphs[0].qas[2]`), which messages name it by.
 
     Raises:
         TaskError: the path does not lead to lists of objects; the message (without the task)
             says what is there, e.g. "'data[0]' has no field 'paragraph'; it has paragraphs, title".
     """
     keys = records.split(".")
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[str, dict[str, Any]]] = []
     if not isinstance(document, dict):
         raise TaskError(f"the document is {_json_kind(document)}, not an object with field {keys[0]!r}")
 
@@ -304,7 +310,7 @@ def record_rows(document: Any, records: str) -> list[dict[str, Any]]:
             if not isinstance(item, dict):
                 raise TaskError(f"'{here}[{i}]' is {_json_kind(item)}, not an object")
             if depth == len(keys) - 1:
-                rows.append({**item, **{k: v for k, v in around.items() if k not in item}})
+                rows.append((f"{here}[{i}]", {**item, **{k: v for k, v in around.items() if k not in item}}))
             else:
                 inner = keys[depth + 1]
                 descend(item, f"{here}[{i}]", depth + 1, {**around, **{f"{key}.{f}": v for f, v in item.items() if f != inner}})
@@ -435,12 +441,39 @@ def source_line(path: str | Path, row: int, reader: ReaderOptions | None = None)
     return None
 
 
+def record_place(path: str | Path, row: int, reader: ReaderOptions) -> str | None:
+    """Where data row `row` (0-based) of a file read with `records` is: `data[3].paragraphs[0].qas[2]`
+    in one JSON document, `line 4, paragraphs[0].qas[2]` in JSON Lines (None: no such row, or the
+    file no longer reads). The file is parsed again: this is for messages, not for loading."""
+    if not reader.records:
+        return None
+    try:
+        with reader.open(path) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()] if reader.suffix == ".jsonl" else None
+            documents = ([(f"line {n}, ", json.loads(line)) for n, line in lines] if lines is not None
+                         else [("", json.load(f))])
+        seen = 0
+        for prefix, document in documents:
+            places = record_places(document, reader.records)
+            if row < seen + len(places):
+                return prefix + places[row - seen][0]
+            seen += len(places)
+    except (OSError, UnicodeError, json.JSONDecodeError, TaskError):
+        return None
+    return None
+
+
 def _row(spec: TaskSpec, split: str, row: int) -> str:
-    """`task 'x', split train, line 12 of FILE` (or `row 11` where lines do not apply)."""
+    """`task 'x', split train, line 12 of FILE`, or `row 11 (data[0].paragraphs[1].qas[3])` in
+    a file of `records`, or `row 11` where neither applies."""
     where = f"task {spec.name!r}, split {split}"
     path = spec.files.get(split) if spec.files else None
-    line = source_line(path, row, ReaderOptions.for_file(path, spec)) if path else None
-    return f"{where}, line {line} of {path}" if line else f"{where}, row {row + 1}" + (f" of {path}" if path else "")
+    reader = ReaderOptions.for_file(path, spec) if path else None
+    line = source_line(path, row, reader) if path else None
+    if line:
+        return f"{where}, line {line} of {path}"
+    place = record_place(path, row, reader) if path else None
+    return f"{where}, row {row + 1}" + (f" ({place})" if place else "") + (f" of {path}" if path else "")
 
 
 # ------------------------------------------------------------------------------ checks and labels
