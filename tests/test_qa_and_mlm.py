@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -140,6 +141,14 @@ def test_both_types_train_beside_the_others_and_are_scored_against_chance(traine
     assert set(metrics["chance"]["domain"]) == {"masked_accuracy"}
     log = done.stdout + done.stderr
     assert "extractive_qa" in log and "masked_lm" in log  # the sampling plan names the types
+    # Its sizes are windows (what the sampler draws): a line under the plan says how many questions they hold.
+    train_questions = len(squad_rows(declared["files"]["train"]))
+    counted = re.search(r"\nqa: its sizes count context windows: train (\d+) questions in (\d+) windows, "
+                        r"validation (\d+) questions in (\d+) windows\n", log)
+    assert counted, log[-3000:]
+    assert (int(counted[1]), int(counted[3])) == (train_questions, len(rows))
+    assert int(counted[2]) > train_questions and int(counted[4]) > len(rows)  # contexts longer than a window
+    assert re.search(rf"\nqa +extractive_qa +{counted[2]} +{counted[4]} ", log)
 
 
 def qa_windows(run_dir: Path, tokenizer, rows: list[dict]):

@@ -131,7 +131,8 @@ def sampling_plan(tasks: list[TaskData], sampler: MultitaskBatchSampler, gradien
         validation = len(task.validation) if task.validation is not None else "-"
         lines.append(f"{task.name:<24} {task.spec.type:<20} {row['examples']:>7} {validation:>10} {row['batch_size']:>5} "
                      f"{row['steps']:>13} {100 * row['share']:>5.1f}% {row['passes']:>12.2f}")
-    return "\n".join(lines)
+    notes = [task.spec.task_type.split_size_note(task.spec, task.train, task.validation) for task in tasks]
+    return "\n".join(lines + [note for note in notes if note])
 
 
 def build_training_args(cfg: Config, *, precision: str, report_to: list[str] | None = None,

@@ -231,6 +231,11 @@ class TaskType:
         """One JSON object per input, as `predict` writes them."""
         raise NotImplementedError
 
+    def split_size_note(self, spec: TaskSpec, train, validation) -> str | None:
+        """A line under the sampling plan when a tokenized split's rows are not the data's rows
+        (extractive QA's windows), saying how many of each there are; None by default."""
+        return None
+
     def name_predictions(self, spec: TaskSpec, rows: list[dict[str, Any]], inputs) -> list[dict[str, Any]]:
         """`predict`'s rows given the inputs they answer (the dataset read, one row each): as they
         are by default; a type whose inputs name their own labels (multiple choice's labelled

@@ -154,6 +154,14 @@ class ExtractiveQA(TaskType):
             out["labels"] = labels
         return out
 
+    def split_size_note(self, spec: TaskSpec, train, validation) -> str | None:
+        """The plan counts windows (what the sampler draws and the batches hold): say how many questions they are."""
+        def count(split) -> str:
+            return f"{sum(1 for w in split['window'] if w == 0)} questions in {len(split)} windows"
+
+        splits = [f"train {count(train)}"] + ([f"validation {count(validation)}"] if validation is not None else [])
+        return f"{spec.name}: its sizes count context windows: " + ", ".join(splits)
+
     @staticmethod
     def _positions(offsets, in_context: list[bool], answers: list[tuple[str, Any]]) -> list[int]:
         """[first token, last token] of the first answer in this window, or the no-answer position twice."""
