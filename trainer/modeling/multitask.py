@@ -271,7 +271,7 @@ class MultitaskModel(nn.Module):
             TaskError: a LoRA checkpoint's base model has other weights than it was trained on.
         """
         from safetensors.torch import load_file
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
 
         directory = Path(directory)
         for name in (WEIGHTS_FILE, MULTITASK_FILE, "config.json"):
@@ -285,8 +285,7 @@ class MultitaskModel(nn.Module):
             # Built on the meta device, its tensors then become the file's (`assign`), as
             # transformers' from_pretrained loads: the model is in memory once, not a random
             # backbone beside the loaded weights.
-            with torch.device("meta"):
-                model = cls(AutoModel.from_config(saved_config), specs)
+            model = meta_model(saved_config, specs)
             # Each tensor copied once out of the file's memory map: a view into it is not aligned
             # as torch's own allocations are, and would compute through other kernels (outputs
             # differing from the saved model's in the last bit).
