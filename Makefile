@@ -141,9 +141,9 @@ TEST_WORKERS ?= 2
 test: venv-dev ## run the test suite (offline, tiny models, real GCS servers and Vertex endpoint); TEST_WORKERS=1 runs it serially
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --durations=30 tests $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
-lint: venv-dev ## static checks: ruff, shellcheck (.ci scripts), hadolint (Dockerfile)
+lint: venv-dev ## static checks: ruff, shellcheck (.ci and benchmarks/device.sh), hadolint (Dockerfile)
 	$(PY) -m ruff check trainer tests benchmarks
-	$(VENV)/bin/shellcheck .ci/run .ci/*.sh
+	$(VENV)/bin/shellcheck .ci/run .ci/*.sh benchmarks/device.sh
 	$(VENV)/bin/hadolint Dockerfile
 
 clean: ## remove the virtualenv and local outputs

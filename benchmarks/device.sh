@@ -39,8 +39,9 @@ PY
     # (versions as requirements.txt pins them).
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$D/whl" \
-        transformers==5.23.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2 \
-        python-dotenv==1.2.4 fire==0.7.1 termcolor==3.3.0
+        transformers==5.23.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 regex==2026.11.19 \
+        peft==0.21.2 python-dotenv==1.2.4 fire==0.7.1 termcolor==3.3.0
+    # pyarrow (datasets needs 24 or newer) is the image's: its wheel (55 MB) would not fit in what travels.
     du -sh "$D"
 }
 
@@ -57,6 +58,8 @@ run() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     "$py" - "$D/model" /tmp/MiniLM-L6-random-weights <<'PY'
 import sys
+import pyarrow
+print(f"pyarrow {pyarrow.__version__} (datasets 5.2 needs 24 or newer)")
 import torch, transformers, datasets, peft
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from trainer.training import resolve_precision
@@ -68,7 +71,9 @@ AutoModel.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(s
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
 PY
     # BENCH_FULL=0 and BENCH_ONLY=lora, DEVICE_NO_INSTALL=1, PYTHON=.venv/bin/python: a dry run of this half on a CPU.
-    "$py" -m benchmarks $([[ ${BENCH_FULL:-1} == 1 ]] && echo --full) --only="${BENCH_ONLY:-throughput,lora}" --model=/tmp/MiniLM-L6-random-weights \
+    local mode=()
+    [[ ${BENCH_FULL:-1} == 1 ]] && mode=(--full)
+    "$py" -m benchmarks "${mode[@]}" --only="${BENCH_ONLY:-throughput,lora}" --model=/tmp/MiniLM-L6-random-weights \
         --tasks-file="$D/tasks.json" --threads="$(nproc)" --out="$OUT/gpu" 2>&1 | tee "$OUT/gpu/log.txt"
 }
 
