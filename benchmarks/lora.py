@@ -45,8 +45,9 @@ GOAL_CHECKPOINT = ("<=", 0.25)  # LoRA's checkpoint over full fine-tuning's: the
 MODES = ("false", "shared")
 
 
-def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
-    """Train `steps` steps with LORA=`lora`, save the Trainer's checkpoint, commit it; what it measured."""
+def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> tuple[dict, list]:
+    """Train `steps` steps with LORA=`lora`, save the Trainer's checkpoint, commit it; what it
+    measured, and the specs of the tasks it trained."""
     from trainer.checkpoints.commits import commit_checkpoint
     from trainer.checkpoints.storage import LocalStore
 
@@ -67,13 +68,12 @@ def train_and_commit(setup: Setup, lora: str, steps: int, work: Path) -> dict:
     model = trainer.model
     timed = clock.step_seconds()[setup.plan.warmup_steps:] or clock.step_seconds()
     return {
-        "specs": [t.spec for t in tasks],
         "lora": lora, "steps": trainer.state.global_step,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "checkpoint_bytes": folder_bytes(checkpoint), "weights_bytes": (checkpoint / "model.safetensors").stat().st_size,
         "commit_s": commit_s, "step_s": statistics.median(timed), "precision": precision, "gpu_peak_bytes": peak,
-    }
+    }, [t.spec for t in tasks]
 
 
 # A backbone of the size users move to, built on the meta device (its modules, no weights) to count
@@ -116,10 +116,9 @@ def run(setup: Setup) -> dict:
     runs = {}
     for lora in MODES:
         logger.info("lora: LORA=%s, %d steps", lora, steps)
-        runs[lora] = train_and_commit(setup, lora, steps, setup.work_dir / NAME / lora)
-        runs["specs"] = runs[lora].pop("specs")
+        runs[lora], specs = train_and_commit(setup, lora, steps, setup.work_dir / NAME / lora)
     full, shared = runs["false"], runs["shared"]
-    scale = at_scale(setup, runs.pop("specs"), runs)
+    scale = at_scale(setup, specs, runs)
     grace = load_config({}, environ={}, env_file="").preemption_grace_seconds
     figures = [
         ratio("trainable parameters: LoRA / full fine-tuning", shared["trainable_parameters"], full["trainable_parameters"],
